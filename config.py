@@ -1,0 +1,236 @@
+"""Run configuration: plain dataclasses filled from a TOML recipe plus `--section.key=value` overrides.
+
+Precedence: command line > TOML recipe > dataclass defaults. Every key is validated once, here:
+an unknown section/key or a value of the wrong type is a one-line error naming the closest valid key.
+
+    cfg = parse_args(["--config", "configs/runs/tiny_cpu.toml", "--optim.lr=0.01"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line that names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"                 # a file configs/models/llama_<size>.toml: tiny, 60m, 130m, 350m, 1b, 7b
+    vocab_size: int = 0                # 0: taken from the tokenizer
+    dim: int = 0                       # 0: taken from the size file (set any of these to override it)
+    n_layers: int = 0
+    n_heads: int = 0
+    intermediate_size: int = 0
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    path: str = ".cache/corpus"        # local dir of C4-format shards, or "allenai/c4" / "hf://datasets/allenai/c4"
+    tokenizer: str = ".cache/tokenizer/spm.model"  # SentencePiece .model file, or a transformers name/dir ("t5-base")
+    seq_len: int = 256
+    num_streams: int = 8               # fixed per run: world sizes must divide it, the global batch must be a multiple
+    val_tokens: int = 65536            # fixed validation token budget (GaLore used 10M on C4)
+    build_local: bool = True           # build the offline corpus / tokenizer under .cache/ when they are missing
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"                # adamw, adamw8bit, galore, galore8bit, rgp, rgp8bit
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    rank: int = 128                    # projection rank r (galore/rgp)
+    update_proj_gap: int = 200         # refresh the basis every T steps (steps 0, T, 2T, ...)
+    scale: float = 0.25                # GaLore's alpha
+    proj_type: str = "std"             # std (reduce the smaller dim), left, right
+    oversampling: int = 2              # RGP: k = rank + oversampling
+    power_iters: int = 0               # RGP: subspace (power) iterations
+    moments_on_refresh: str = "keep"   # keep (GaLore) or project (re-express moments in the new basis)
+    layerwise: bool = False            # step each parameter in its post-accumulate-grad hook
+
+
+@dataclass
+class TrainConfig:
+    micro_batch: int = 8               # sequences per rank per micro-step
+    grad_accum: int = 1
+    max_steps: int = 200               # optimizer steps
+    warmup_frac: float = 0.1           # linear warmup over this fraction of max_steps ...
+    min_lr_frac: float = 0.1           # ... then cosine down to this fraction of optim.lr
+    grad_clip: float = 1.0             # 0 disables clipping
+    eval_every: int = 50
+    save_every: int = 100
+    keep_last: int = 0                 # keep this many newest checkpoints (0 keeps all)
+    out_dir: str = "runs/tiny_cpu"
+    resume: str = "none"               # none, auto (newest complete checkpoint in out_dir), or a checkpoint path
+    seed: int = 0
+    dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16
+    device: str = "auto"               # auto, cpu, cuda
+    skip_nonfinite: bool = False       # skip a step whose loss is NaN/inf instead of stopping
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 10
+    wandb: bool = False
+    wandb_project: str = "lowrank-pretrain"
+    wandb_mode: str = "offline"        # offline works with no network; online needs WANDB_API_KEY
+    progress: bool = True              # tqdm bar when stdout is a terminal
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    deepspeed: str = ""                # path to a DeepSpeed JSON config (launch with deepspeed/torchrun)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.0)
+    return match[0] if match else "?"
+
+
+def _coerce(value: Any, typ: type, where: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's type, or fail naming the key."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip().lower()
+        if typ is bool:
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        try:
+            return typ(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is float and type(value) is int:
+        return float(value)
+    if type(value) is not typ:
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "deepspeed"}
+    if "." not in dotted:
+        if dotted != "deepspeed":
+            valid = [f"{s}.{k.name}" for s in sections for k in dataclasses.fields(getattr(cfg, s))]
+            raise ConfigError(f"unknown config key {dotted!r}; did you mean {_closest(dotted, valid + ['deepspeed'])!r}?")
+        cfg.deepspeed = _coerce(value, str, dotted)
+        return
+    section, key = dotted.split(".", 1)
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} in {dotted!r}; did you mean {_closest(section, sections)!r}?")
+    sub = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(sub)}
+    if key not in fields:
+        raise ConfigError(f"unknown config key {dotted!r}; did you mean "
+                          f"'{section}.{_closest(key, fields)}'?")
+    typ = {"str": str, "int": int, "float": float, "bool": bool}[str(fields[key].type)]
+    setattr(sub, key, _coerce(value, typ, dotted))
+
+
+def load_toml(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass an existing recipe, e.g. configs/runs/tiny_cpu.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    for name, body in data.items():
+        if isinstance(body, dict):
+            for key, value in body.items():
+                _set(cfg, f"{name}.{key}", value)
+        else:
+            _set(cfg, name, body)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict()` output (a checkpoint's or a run directory's config)."""
+    cfg = Config()
+    for name, body in data.items():
+        if isinstance(body, dict):
+            for key, value in body.items():
+                _set(cfg, f"{name}.{key}", value)
+        else:
+            _set(cfg, name, body)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need several keys at once."""
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    for key, value in [("train.micro_batch", t.micro_batch), ("train.grad_accum", t.grad_accum),
+                       ("train.max_steps", t.max_steps), ("data.seq_len", d.seq_len),
+                       ("data.num_streams", d.num_streams), ("log.log_every", cfg.log.log_every)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in [("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+                       ("train.keep_last", t.keep_last)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0 disables it), got {value}")
+    if not 0.0 <= t.warmup_frac < 1.0:
+        raise ConfigError(f"train.warmup_frac must be in [0, 1), got {t.warmup_frac}")
+    if t.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    if o.moments_on_refresh not in ("keep", "project"):
+        raise ConfigError(f"optim.moments_on_refresh must be keep or project, got {o.moments_on_refresh!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """`--config FILE` first, then `--section.key=value` / `--section.key value` overrides.
+
+    `--local_rank=N` (passed by the deepspeed launcher) is accepted and ignored: LOCAL_RANK is in the env too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --section.key=value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{arg} needs a value; use {arg}=VALUE")
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        pairs.append(("local_rank" if key == "local-rank" else key, value))
+        i += 1
+    cfg = Config()
+    for key, value in pairs:
+        if key == "config":
+            load_toml(cfg, value)
+    for key, value in pairs:
+        if key not in ("config", "local_rank"):
+            _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+    return tomli_w.dumps(cfg.to_dict())
