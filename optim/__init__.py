@@ -1,0 +1,60 @@
+"""Optimizers: `build_optimizer(named_params, cfg)` is the one entry point.
+
+    opt = build_optimizer(model.named_parameters(), cfg.optim)   # or build_optimizer(model, cfg.optim)
+
+Names: adamw, adamw8bit, galore, galore8bit, rgp, rgp8bit (see optim/adam.py for the exact update rules and
+optim/projection.py for the projection math).  Param groups carry "names" parallel to "params".  All groups
+share cfg.lr; the train loop sets group["lr"] = cfg.lr * schedule_multiplier on every group each step.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from optim.adam import OPTIMIZERS, LowRankAdamW, is_projected, make_groups
+from optim.projection import PROJ_TYPES
+
+__all__ = ["OPTIMIZERS", "LowRankAdamW", "build_optimizer", "is_projected", "validate_optim_config"]
+
+
+def validate_optim_config(cfg) -> None:
+    """One-line ValueErrors for bad optimizer knobs (shape-dependent checks happen in build_optimizer)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; set optim.name to one of {', '.join(OPTIMIZERS)}")
+    if cfg.lr < 0:
+        raise ValueError(f"optim.lr must be >= 0, got {cfg.lr}")
+    if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
+        raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
+    if cfg.eps < 0:
+        raise ValueError(f"optim.eps must be >= 0, got {cfg.eps}")
+    if cfg.name.removesuffix("8bit") == "adamw":
+        return
+    if cfg.rank < 1:
+        raise ValueError(f"optim.rank must be >= 1 for {cfg.name}, got {cfg.rank}; set optim.rank (e.g. 128)")
+    if cfg.update_proj_gap < 1:
+        raise ValueError(f"optim.update_proj_gap must be >= 1 for {cfg.name}, got {cfg.update_proj_gap}; "
+                         f"set it to the refresh interval T (e.g. 200)")
+    if cfg.proj_type not in PROJ_TYPES:
+        raise ValueError(f"unknown optim.proj_type {cfg.proj_type!r}; use one of {', '.join(PROJ_TYPES)}")
+    if cfg.oversampling < 0 or cfg.power_iters < 0:
+        raise ValueError(f"optim.oversampling and optim.power_iters must be >= 0, got "
+                         f"{cfg.oversampling}, {cfg.power_iters}")
+    if cfg.moments_on_refresh not in ("keep", "project"):
+        raise ValueError(f"optim.moments_on_refresh must be keep or project, got {cfg.moments_on_refresh!r}")
+
+
+def build_optimizer(named_params: Iterable | torch.nn.Module, cfg) -> LowRankAdamW:
+    """An optimizer over `named_params` ((name, parameter) pairs, or a module) configured by `cfg`
+    (an `OptimConfig`).  Works for any subset of a model's parameters, including one with no projected
+    params; parameters with requires_grad=False are left out."""
+    validate_optim_config(cfg)
+    if isinstance(named_params, torch.nn.Module):
+        named_params = named_params.named_parameters()
+    pairs = list(named_params)
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError("build_optimizer needs (name, parameter) pairs, e.g. model.named_parameters()")
+    groups = make_groups(pairs, cfg.name, cfg)
+    return LowRankAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)

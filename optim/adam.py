@@ -1,0 +1,358 @@
+"""AdamW family with optional low-rank gradient projection (GaLore / RGP) and 8-bit states.
+
+One optimizer class, `LowRankAdamW`, whose `step()` loops over parameters and calls pure per-parameter
+functions.  Every parameter's update depends only on its own gradient and state (no cross-parameter
+coupling), so the same class serves any subset of a model's parameters (the sharded wrapper builds one per
+rank for the parameters that rank owns) and the layer-wise mode (one parameter at a time from a hook).
+
+Update rules (each reproduces a reference implementation on CPU; tests/optim check them):
+
+* plain fp32 Adam (`adamw_update`): `torch.optim.AdamW(foreach=False)` single-tensor math, bit for bit:
+  p *= 1 - lr*wd; m.lerp_(g, 1-b1); v = b2*v + (1-b2)*g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+* plain 8-bit Adam (`adamw8bit_update`): `bitsandbytes.optim.AdamW8bit` as its CPU backend runs it
+  (bitsandbytes/backends/cpu/ops.py): dequantize the blockwise (blocksize 256) 8-bit moments with the signed
+  dynamic map (m) / unsigned dynamic map (v), update in fp32, re-quantize; tensors with fewer than 4096
+  elements keep fp32 state and use bnb's 32-bit CPU math (eps scaled by sqrt(bc2), weight decay first).
+* projected Adam (`lowrank_adam_update`): `galore_torch.GaLoreAdamW` math, deliberately - the differential
+  test holds us to it: the basis is refreshed when the per-parameter step counter (before its increment) is a
+  multiple of T (steps 0, T, 2T, ...); m = b1*m + (1-b1)*R; v = b2*v + (1-b2)*R^2 on the low-rank gradient R;
+  denom = sqrt(v) + eps (eps *not* scaled by the bias correction, unlike torch); step_size = lr*sqrt(bc2)/bc1;
+  p -= step_size * scale * project_back(m/denom); then p -= lr*wd*p (decoupled decay applied after the update,
+  as galore does).  In the 8-bit variants the low-rank moments are stored as bnb blockwise 8-bit codes
+  (same maps and blocksize as above, and the same 4096-element threshold) and the math runs in fp32
+  between dequantize and re-quantize.
+
+Non-finite gradients never reach the SVD: when a refresh is due and the gradient has a NaN/inf, the refresh
+is skipped with a warning and the old basis is kept (the update itself then proceeds exactly as plain AdamW
+would with that gradient - skipping bad steps is the trainer's `train.skip_nonfinite`).  If the parameter has
+no basis yet, its whole update is skipped for this step (its step counter does not advance, so the first
+finite gradient builds the basis at "step 0").
+
+State (`state_dict()`) holds only tensors and Python numbers: "step" (int), "exp_avg"/"exp_avg_sq" (fp32) or
+"state1"/"state2" (uint8 codes) with "absmax1"/"absmax2" (fp32), and "basis" (fp32) for projected params.
+The dynamic quantization maps are constants (`bitsandbytes.functional.create_dynamic_map`), not state.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+
+from optim import projection as proj
+
+BLOCKSIZE = 256          # bnb's 8-bit optimizers use blockwise quantization with 256-value blocks
+MIN_8BIT_SIZE = 4096     # bnb's min_8bit_size: smaller tensors keep fp32 state
+
+_QMAPS: dict = {}
+
+
+def qmaps(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signed dynamic map for m, unsigned dynamic map for v) on `device`, as bnb's `fill_qmap` builds them."""
+    key = str(device)
+    if key not in _QMAPS:
+        import bitsandbytes.functional as bnbF
+        _QMAPS[key] = (bnbF.create_dynamic_map(signed=True).to(device),
+                       bnbF.create_dynamic_map(signed=False).to(device))
+    return _QMAPS[key]
+
+
+def quantize(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 tensor -> (uint8 codes of the same shape, fp32 absmax per 256-value block)."""
+    import bitsandbytes.functional as bnbF
+    out, qs = bnbF.quantize_blockwise(x, code=code, blocksize=BLOCKSIZE)
+    return out, qs.absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+    return bnbF.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=BLOCKSIZE).float()
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+def init_moments(like: torch.Tensor, bits: int) -> dict:
+    """Zero Adam moments shaped like `like`: fp32, or 8-bit codes + absmax when bits == 8 and it is large enough."""
+    if bits == 8 and like.numel() >= MIN_8BIT_SIZE:
+        blocks = (like.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+        zeros8 = lambda: torch.zeros(like.shape, dtype=torch.uint8, device=like.device)  # noqa: E731
+        absmax = lambda: torch.zeros(blocks, dtype=torch.float32, device=like.device)    # noqa: E731
+        return {"state1": zeros8(), "absmax1": absmax(), "state2": zeros8(), "absmax2": absmax()}
+    return {"exp_avg": torch.zeros(like.shape, dtype=torch.float32, device=like.device),
+            "exp_avg_sq": torch.zeros(like.shape, dtype=torch.float32, device=like.device)}
+
+
+def is_8bit(state: dict) -> bool:
+    return "state1" in state
+
+
+def load_moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 views/copies of the moments (the stored tensors themselves when fp32)."""
+    if is_8bit(state):
+        m_map, v_map = qmaps(state["state1"].device)
+        return (dequantize(state["state1"], state["absmax1"], m_map),
+                dequantize(state["state2"], state["absmax2"], v_map))
+    return state["exp_avg"], state["exp_avg_sq"]
+
+
+def store_moments(state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+    """Write fp32 moments back (re-quantize in the 8-bit case; no-op for fp32 state updated in place)."""
+    if is_8bit(state):
+        m_map, v_map = qmaps(m.device)
+        c1, a1 = quantize(m, m_map)
+        c2, a2 = quantize(v, v_map)
+        state["state1"].copy_(c1)
+        state["absmax1"].copy_(a1)
+        state["state2"].copy_(c2)
+        state["absmax2"].copy_(a2)
+    elif m is not state["exp_avg"]:
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+
+
+# ------------------------------------------------------------------------------------- pure update rules
+
+@torch.no_grad()
+def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """torch.optim.AdamW(foreach=False) single-tensor math; `step` is the already-incremented (1-based) count."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step = float(step)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2 ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+@torch.no_grad()
+def adamw8bit_update(p: torch.Tensor, grad: torch.Tensor, state: dict, step: int, lr: float, beta1: float,
+                     beta2: float, eps: float, weight_decay: float) -> None:
+    """bitsandbytes.optim.AdamW8bit on CPU (bnb 0.50 backends/cpu/ops.py), one parameter.
+
+    8-bit state: dequantize, fp32 Adam, re-quantize.  fp32 state (params < 4096 elements): bnb's 32-bit math.
+    """
+    g = grad.float()
+    p32 = p.data.float()
+    correction1 = 1.0 - beta1 ** step
+    correction2 = math.sqrt(1.0 - beta2 ** step)
+    if is_8bit(state):
+        m, v = load_moments(state)
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = (v.sqrt() / correction2).add_(eps)
+        if weight_decay > 0.0:
+            p32.mul_(1.0 - lr * weight_decay)
+        p32.addcdiv_(m, denom, value=-lr / correction1)
+        p.data.copy_(p32)
+        store_moments(state, m, v)
+    else:
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        step_size = -lr * correction2 / correction1
+        if weight_decay > 0.0:
+            p32.mul_(1.0 - lr * weight_decay)
+        update = m / (v.sqrt() + eps * correction2)
+        p32.add_(update, alpha=step_size)
+        p.data.copy_(p32)
+
+
+@torch.no_grad()
+def galore_adam_direction(low_grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int,
+                          beta1: float, beta2: float, eps: float) -> tuple[torch.Tensor, float, float]:
+    """GaLoreAdamW's moment update on the low-rank gradient; returns (m/denom, bc1, bc2).  m, v in place."""
+    m.mul_(beta1).add_(low_grad, alpha=(1.0 - beta1))
+    v.mul_(beta2).addcmul_(low_grad, low_grad, value=1.0 - beta2)
+    denom = v.sqrt().add_(eps)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    return m / denom, bias_correction1, bias_correction2
+
+
+@torch.no_grad()
+def lowrank_adam_update(p: torch.Tensor, grad: torch.Tensor, state: dict, *, name: str, lr: float,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, rank: int,
+                        update_proj_gap: int, scale: float, proj_type: str, method: str, oversampling: int,
+                        power_iters: int, moments_on_refresh: str, bits: int) -> bool:
+    """One GaLore/RGP step of a 2-D parameter.  Returns False when the update was skipped (no basis yet and a
+    non-finite gradient)."""
+    side = proj.choose_side(p.shape, proj_type)
+    step = state.get("step", 0)
+    old = state.get("basis")
+    if old is None or step % update_proj_gap == 0:
+        if not bool(torch.isfinite(grad).all()):
+            warnings.warn(f"non-finite gradient for {name or tuple(p.shape)} at step {step}: projection refresh "
+                          f"skipped, {'old basis kept' if old is not None else 'no basis yet, update skipped'}")
+            if old is None:
+                return False
+        else:
+            if method == "svd":
+                new = proj.exact_basis(grad, rank, side)
+            else:
+                new = proj.randomized_basis(grad, rank, side, oversampling, power_iters, name=name, step=step)
+            if old is not None and moments_on_refresh == "project" and "step" in state:
+                m, v = load_moments(state)
+                m2, v2 = proj.reproject_moments(m, v, proj.change_of_basis(old, new, side), side)
+                store_moments(state, m2, v2)
+            state["basis"] = new
+    basis = state["basis"]
+    g32 = grad if grad.dtype == torch.float32 else grad.float()
+    low = proj.project(g32, basis, side)
+    if "step" not in state:
+        state.update(init_moments(low, bits))
+    step += 1
+    state["step"] = step
+    m, v = load_moments(state)
+    norm_grad, bc1, bc2 = galore_adam_direction(low, m, v, step, beta1, beta2, eps)
+    store_moments(state, m, v)
+    step_size = lr * math.sqrt(bc2) / bc1                   # galore's exact expression order
+    full = proj.project_back(norm_grad, basis, side) * scale
+    p.add_(full.to(p.dtype), alpha=-step_size)
+    if weight_decay > 0.0:
+        p.add_(p, alpha=(-lr * weight_decay))
+    return True
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
+_GROUP_CHECK_KEYS = ("optim", "kind", "bits", "rank", "proj_type", "method", "names")
+
+
+def is_projected(name: str, p: torch.Tensor) -> bool:
+    """GaLore's rule: the 2-D weights of attention and MLP; embeddings, lm_head and norms stay on AdamW."""
+    return p.ndim == 2 and "embed" not in name and "lm_head" not in name
+
+
+class LowRankAdamW(torch.optim.Optimizer):
+    """AdamW / GaLore / RGP with fp32 or 8-bit moments.  Build it through `optim.build_optimizer`.
+
+    param groups: {"kind": "lowrank"} (projected params) and/or {"kind": "adam"}; each carries "names"
+    parallel to "params" and "optim" (the registry name).  The group layout depends only on the optimizer
+    name, never on which parameters were passed (groups may be empty), so any subset works.
+    """
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        self._names = {}
+        self._groups_of = {}
+        self._reindex()
+
+    def _reindex(self):
+        self._names = {}
+        self._groups_of = {}
+        for group in self.param_groups:
+            if len(group["names"]) != len(group["params"]):
+                raise ValueError("param group 'names' must be parallel to 'params'")
+            for name, p in zip(group["names"], group["params"]):
+                self._names[p] = name
+                self._groups_of[p] = group
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: dict | None = None) -> None:
+        """Update one parameter from its own gradient and state (used by step() and the layer-wise hooks)."""
+        if p.grad is None:
+            return
+        group = group if group is not None else self._groups_of[p]
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("sparse gradients are not supported")
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if group["kind"] == "lowrank":
+            lowrank_adam_update(
+                p, grad, state, name=self._names[p], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=wd, rank=group["rank"], update_proj_gap=group["update_proj_gap"],
+                scale=group["scale"], proj_type=group["proj_type"], method=group["method"],
+                oversampling=group["oversampling"], power_iters=group["power_iters"],
+                moments_on_refresh=group["moments_on_refresh"], bits=group["bits"])
+            return
+        if group["bits"] == 8:
+            grad = grad.contiguous()
+            if "step" not in state:
+                state["step"] = 0
+                state.update(init_moments(p, 8))
+            state["step"] += 1
+            adamw8bit_update(p, grad, state, state["step"], lr, beta1, beta2, eps, wd)
+        else:
+            if "step" not in state:
+                state["step"] = 0
+                state.update(init_moments(p, 32))
+            state["step"] += 1
+            adamw_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2,
+                         eps, wd)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.step_param(p, group)
+        return loss
+
+    # ------------------------------------------------------------------------------ save / restore
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore exactly (tensors are copied, dtypes kept); a state of another optimizer is a ValueError."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or "state" not in state_dict:
+            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups'); pass "
+                             "optimizer.state_dict() output")
+        mine = self.param_groups
+        if len(groups) != len(mine):
+            raise ValueError(f"optimizer state has {len(groups)} param groups, this optimizer "
+                             f"({mine[0].get('optim') if mine else '?'}) has {len(mine)}; load a state saved by "
+                             f"the same optimizer config")
+        for saved, cur in zip(groups, mine):
+            for key in _GROUP_CHECK_KEYS:
+                if saved.get(key) != cur.get(key):
+                    what = "parameter names" if key == "names" else f"{key} {saved.get(key)!r}"
+                    raise ValueError(f"optimizer state does not match: saved {what} vs this optimizer's "
+                                     f"{'names' if key == 'names' else repr(cur.get(key))} (optimizer "
+                                     f"{saved.get('optim')!r} -> {cur.get('optim')!r}); load it into an "
+                                     f"optimizer built with the same optim config and parameters")
+        params = [p for g in mine for p in g["params"]]
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        self._reindex()
+        self.state.clear()
+        for idx, st in state_dict["state"].items():
+            idx = int(idx)
+            if not 0 <= idx < len(params):
+                raise ValueError(f"optimizer state refers to parameter index {idx} of {len(params)}")
+            p = params[idx]
+            self.state[p] = {k: (v.detach().clone().to(p.device) if torch.is_tensor(v) else v)
+                             for k, v in st.items()}
+
+
+def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:
+    """The param groups of optimizer `name` for these (name, param) pairs (see LowRankAdamW)."""
+    bits = 8 if name.endswith("8bit") else 32
+    base = name.removesuffix("8bit")
+    pairs = [(n, p) for n, p in named_params if p.requires_grad]
+    if base == "adamw":
+        return [{"params": [p for _, p in pairs], "names": [n for n, _ in pairs], "kind": "adam",
+                 "optim": name, "bits": bits}]
+    low = [(n, p) for n, p in pairs if is_projected(n, p)]
+    rest = [(n, p) for n, p in pairs if not is_projected(n, p)]
+    for n, p in low:
+        proj.check_rank(p.shape, cfg.rank, n)
+    return [
+        {"params": [p for _, p in low], "names": [n for n, _ in low], "kind": "lowrank", "optim": name,
+         "bits": bits, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
+         "proj_type": cfg.proj_type, "method": "svd" if base == "galore" else "rsvd",
+         "oversampling": cfg.oversampling, "power_iters": cfg.power_iters,
+         "moments_on_refresh": cfg.moments_on_refresh},
+        {"params": [p for _, p in rest], "names": [n for n, _ in rest], "kind": "adam", "optim": name,
+         "bits": bits},
+    ]
