@@ -1,0 +1,474 @@
+"""Whole-matrix ownership: a ZeRO-style sharded optimizer that projected (GaLore/RGP) optimizers can live in.
+
+Why not DeepSpeed's own stage 1/2. Stock ZeRO-1/2 flattens every parameter group into one buffer and
+cuts it into W equal element ranges with no regard for parameter boundaries; the client optimizer is
+handed one 1-D fp32 slice per group. A GaLore/RGP update needs the whole 2-D gradient of a matrix
+(its SVD or randomized range finder), so a slice that ends half-way through `q_proj` is useless.
+DeepSpeed's Muon support (`use_muon` in `stage_1_and_2.py`) works around the same problem by running
+Newton-Schulz on the full accumulated gradient of every matrix touching a rank's range inside the
+gradient path: matrices straddling two ranks are computed twice, their momentum lives in a side
+buffer outside the partition layout (and outside its checkpoints), and doing 2-D math before the
+overflow check and clipping caused a string of bugs (#8432, #8439, #8441). We want none of that.
+
+The mechanism. Every parameter is owned by exactly one data-parallel rank (`plan_ownership`: greedy
+longest-processing-time packing over two loads at once, the basis-refresh cost and the optimizer
+state bytes, deterministic from shapes, world size and optimizer config alone). Each rank builds the
+ordinary single-process optimizer (`optim.build_optimizer`) over the parameters it owns only, so the
+owner alone keeps that matrix's moments, basis and (for bf16 weights) fp32 master copy, and the owner
+alone computes its SVD/RSVD and update. Gradients reach owners by an all-reduce (ZeRO-1 semantics) or
+a reduce to the owner after which the other ranks free them (ZeRO-2 semantics); after the step each
+owner broadcasts its updated parameters. Because each parameter's update depends only on its own
+gradient and state (and RGP's random test matrix only on its name and refresh step), N ranks compute
+exactly the update one process would with the same averaged gradient: the result differs from a
+single process only by the floating-point order of the gradient sum. Clipping uses the same global
+norm as `torch.nn.utils.clip_grad_norm_` (per-tensor norms gathered in model order, so it is even
+bit-identical). This is the design of torch's `ZeroRedundancyOptimizer` and Megatron's
+`LayerWiseDistributedOptimizer`; it stops scaling once W approaches the number of matrices.
+
+Under DeepSpeed the engine runs at stage 0 with its own gradient all-reduce switched off
+(`optim/deepspeed_glue.py`); this object is its client optimizer and does the communication.
+Without DeepSpeed the trainer calls it directly; at world size 1 it is a pass-through.
+
+Per step (plain torchrun, and world size 1):
+    loss.backward() for each micro-batch (loss scaled by 1/grad_accum)
+    opt.sync_gradients(); norm = opt.clip_grad_norm_(max_norm); opt.step(); opt.zero_grad()
+Checkpoints: `save_optimizer_shards(opt, dir)` / `load_optimizer_shards(opt, dir)` on every rank;
+the state is keyed by parameter name, so a run resumes on a different number of ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+BUCKET_BYTES = 64 * 2**20          # flatten gradients / weights into collectives of at most this size
+ADAM_ONLY_HINTS = ("embed", "lm_head")
+
+
+# --------------------------------------------------------------------------------------------------
+# Ownership plan (pure functions of shapes, world size and optimizer config)
+
+def is_projected(name: str, shape, cfg) -> bool:
+    """Does `cfg.name` project this parameter? GaLore's rule (optim.adam.is_projected): the 2-D weights
+    of attention and MLP; embeddings, lm_head and norms stay on AdamW."""
+    if cfg.name.removesuffix("8bit") not in ("galore", "rgp"):
+        return False
+    return len(shape) == 2 and not any(h in name for h in ADAM_ONLY_HINTS)
+
+
+def param_cost(name: str, shape, cfg) -> tuple[float, float]:
+    """(refresh cost in flops-ish units, optimizer state bytes) of one parameter under `cfg`."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    eight_bit = cfg.name.endswith("8bit")
+    moment_bytes = 2 if eight_bit and numel >= 4096 else 8       # two moments, 1 or 4 bytes each
+    if is_projected(name, shape, cfg):
+        m, n = int(shape[0]), int(shape[1])
+        r = min(cfg.rank, m, n)
+        if cfg.name.startswith("galore"):
+            cost = float(m) * n * min(m, n)                          # full SVD
+        else:
+            cost = float(m) * n * (r + cfg.oversampling) * (1 + 2 * cfg.power_iters)
+        state = moment_bytes * r * max(m, n) + 4 * r * min(m, n)     # low-rank moments + fp32 basis
+        return cost, float(state)
+    return float(numel), float(moment_bytes * numel)
+
+
+def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg) -> dict[str, int]:
+    """Assign every parameter to one rank: vector LPT over (refresh cost, state bytes).
+
+    Items are taken largest first (by the larger of their two normalised loads, then by name); each
+    goes to the rank whose worse normalised load after adding it is smallest (ties: smaller sum,
+    then lower rank). Deterministic from the arguments alone, so every rank computes the same plan.
+    """
+    names = list(shapes)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if world_size > len(names):
+        raise ValueError(f"world size {world_size} exceeds the {len(names)} parameters to own; "
+                         f"use at most {len(names)} data-parallel ranks for this model")
+    costs = {n: param_cost(n, shapes[n], cfg) for n in names}
+    total_c = sum(c for c, _ in costs.values()) or 1.0
+    total_b = sum(b for _, b in costs.values()) or 1.0
+    norm = {n: (c / total_c, b / total_b) for n, (c, b) in costs.items()}
+    order = sorted(names, key=lambda n: (-max(norm[n]), -sum(norm[n]), n))
+    load = [[0.0, 0.0] for _ in range(world_size)]
+    plan: dict[str, int] = {}
+    for n in order:
+        c, b = norm[n]
+        best = min(range(world_size),
+                   key=lambda r: (max(load[r][0] + c, load[r][1] + b), load[r][0] + c + load[r][1] + b, r))
+        load[best][0] += c
+        load[best][1] += b
+        plan[n] = best
+    return {n: plan[n] for n in names}
+
+
+def plan_summary(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size: int | None = None) -> dict:
+    """Per-rank state bytes, refresh cost and parameter count, with max/mean imbalance of each."""
+    world = world_size or (max(plan.values()) + 1)
+    state = [0.0] * world
+    cost = [0.0] * world
+    count = [0] * world
+    for n, r in plan.items():
+        c, b = param_cost(n, shapes[n], cfg)
+        state[r] += b
+        cost[r] += c
+        count[r] += 1
+    imb = lambda xs: max(xs) / (sum(xs) / len(xs)) if sum(xs) else 1.0
+    return {"world_size": world, "state_bytes": state, "cost": cost, "params": count,
+            "state_imbalance": imb(state), "cost_imbalance": imb(cost)}
+
+
+def describe_plan(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size: int | None = None,
+                  print_fn=print) -> dict:
+    """Print one line per rank (state MiB, share of refresh cost, #params) and the imbalance; return the summary."""
+    s = plan_summary(plan, shapes, cfg, world_size)
+    total_cost = sum(s["cost"]) or 1.0
+    for r in range(s["world_size"]):
+        print_fn(f"rank {r:3d}: state {s['state_bytes'][r] / 2**20:10.1f} MiB  "
+                 f"refresh cost {100 * s['cost'][r] / total_cost:5.1f}%  params {s['params'][r]}")
+    print_fn(f"max/mean imbalance: state {s['state_imbalance']:.3f}  refresh cost {s['cost_imbalance']:.3f}")
+    return s
+
+
+# --------------------------------------------------------------------------------------------------
+# The wrapper
+
+def _default_builder(named, cfg):
+    import optim as _optim
+    return _optim.build_optimizer(named, cfg)
+
+
+def _tensor_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _buckets(items: list, size_of: Callable, limit: int = BUCKET_BYTES) -> Iterable[list]:
+    bucket, used = [], 0
+    for it in items:
+        b = size_of(it)
+        if bucket and used + b > limit:
+            yield bucket
+            bucket, used = [], 0
+        bucket.append(it)
+        used += b
+    if bucket:
+        yield bucket
+
+
+class ShardedOptimizer:
+    """Each parameter's optimizer state, basis and update live on its owner rank only (see module doc).
+
+    named_params: [(name, param)] in the same order on every rank (model order).
+    build_inner(owned_named_params, cfg) -> torch.optim.Optimizer, called with this rank's share.
+    grad_mode: "allreduce" (ZeRO-1: every rank gets the averaged gradient) or "reduce" (ZeRO-2: only
+    the owner gets it, other ranks free theirs).
+    Gradients that are None on every rank stay None (the parameter is skipped, as torch optimizers
+    do); a gradient None on some ranks only counts as zeros there.
+    """
+
+    def __init__(self, named_params, cfg, build_inner: Callable | None = None, process_group=None,
+                 grad_mode: str = "allreduce"):
+        if grad_mode not in ("allreduce", "reduce"):
+            raise ValueError(f"grad_mode must be 'allreduce' or 'reduce', got {grad_mode!r}")
+        self.cfg = cfg
+        self.grad_mode = grad_mode
+        self.group = process_group
+        self.named = [(n, p) for n, p in named_params if p.requires_grad]
+        names = [n for n, _ in self.named]
+        if len(set(names)) != len(names):
+            raise ValueError("ShardedOptimizer: parameter names must be unique")
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+        self.world_size = dist.get_world_size(process_group) if self.distributed else 1
+        self.rank = dist.get_rank(process_group) if self.distributed else 0
+        shapes = {n: tuple(p.shape) for n, p in self.named}
+        self.plan = plan_ownership(shapes, self.world_size, cfg)
+        self.owned = [(n, p) for n, p in self.named if self.plan[n] == self.rank]
+        self._owned_map = dict(self.owned)
+        self._live: list[str] = []
+        # fp32 masters for low-precision weights, owner only
+        self.masters: dict[str, torch.Tensor] = {}
+        for n, p in self.owned:
+            if p.dtype in (torch.bfloat16, torch.float16):
+                self.masters[n] = p.detach().clone().float().requires_grad_(True)
+        inner_named = [(n, self.masters.get(n, p)) for n, p in self.owned]
+        build_inner = build_inner or _default_builder
+        self.inner = build_inner(inner_named, cfg) if inner_named else None
+        self._empty_groups = [{"params": [], "names": [], "lr": cfg.lr}]
+        self._inner_names = {id(t): n for n, t in inner_named}
+        # under DeepSpeed, engine.step() calls step() only: sync + clip then happen inside it
+        self.sync_in_step = False
+        self.clip_in_step = 0.0
+        self.last_grad_norm: torch.Tensor | None = None
+        self._global_grad_norm = None
+        self._synced = False
+
+    # -- what torch.optim.Optimizer users expect ---------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        # A new list of the inner optimizer's group dicts: setting group["lr"] reaches the inner optimizer,
+        # while list surgery by callers (DeepSpeed drops empty groups in place) cannot change its layout.
+        return list(self.inner.param_groups) if self.inner is not None else list(self._empty_groups)
+
+    @property
+    def state(self):
+        return self.inner.state if self.inner is not None else {}
+
+    def _grad_holder(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        return self.masters.get(name, p)
+
+    # -- gradients ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sync_gradients(self) -> None:
+        """Average gradients over ranks (all-reduce, or reduce to owners); fp32 grads land on masters."""
+        if not self.distributed:
+            self._live = [n for n, p in self.named if p.grad is not None]
+            self._grads_to_masters()
+            self._synced = True
+            return
+        present = torch.tensor([p.grad is not None for _, p in self.named], dtype=torch.int32)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        live = [(n, p) for (n, p), f in zip(self.named, present.tolist()) if f]
+        self._live = [n for n, _ in live]
+        if self.grad_mode == "allreduce":
+            for bucket in _buckets(live, lambda np_: np_[1].numel() * 4):
+                self._reduce_bucket(bucket, dst=None)
+        else:
+            for owner in range(self.world_size):
+                mine = [(n, p) for n, p in live if self.plan[n] == owner]
+                for bucket in _buckets(mine, lambda np_: np_[1].numel() * 4):
+                    self._reduce_bucket(bucket, dst=owner)
+            for n, p in self.named:
+                if self.plan[n] != self.rank:
+                    p.grad = None
+        self._grads_to_masters()
+        self._synced = True
+
+    def _reduce_bucket(self, bucket, dst):
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for _, p in bucket]
+        flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
+        if dst is None:
+            dist.all_reduce(flat, group=self.group)
+        else:
+            gdst = dist.get_global_rank(self.group, dst) if self.group is not None else dst
+            dist.reduce(flat, dst=gdst, group=self.group)
+            if dst != self.rank:
+                return
+        flat.div_(self.world_size)
+        off = 0
+        for n, p in bucket:
+            k = p.numel()
+            g = flat[off:off + k].view_as(p)
+            off += k
+            if n in self.masters:
+                self.masters[n].grad = g.clone()
+                p.grad = None
+            else:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(g)
+
+    def _grads_to_masters(self):
+        for n, master in self.masters.items():
+            p = self._owned_map[n]
+            if p.grad is not None:
+                master.grad = p.grad.detach().float()
+                p.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global L2 norm of the averaged gradient (as torch.nn.utils.clip_grad_norm_ computes it);
+        owned gradients are scaled by min(1, max_norm / (norm + 1e-6)). max_norm <= 0: norm only."""
+        if not self._synced:
+            self.sync_gradients()
+        idx = {n: i for i, n in enumerate(self._live)}
+        norms = torch.zeros(len(idx), dtype=torch.float32)
+        owned_grads = []
+        holders = [(n, self._grad_holder(n, p)) for n, p in self.owned]
+        with_grad = [(n, h) for n, h in holders if h.grad is not None]
+        if with_grad:
+            per = torch._foreach_norm([h.grad for _, h in with_grad], 2)
+            for (n, h), v in zip(with_grad, per):
+                norms[idx[n]] = v.float()
+                owned_grads.append(h)
+        if self.distributed:
+            dist.all_reduce(norms, group=self.group)      # each entry is non-zero on one rank only: exact
+        total = torch.linalg.vector_norm(norms, 2)
+        if max_norm > 0 and owned_grads:
+            torch.nn.utils.clip_grads_with_norm_([h for h in owned_grads], max_norm, total)
+        self.last_grad_norm = total
+        self._global_grad_norm = total
+        return total
+
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.sync_in_step:                       # DeepSpeed: engine.step() calls only this
+            self.sync_gradients()
+            self.clip_grad_norm_(self.clip_in_step)
+        if self.inner is not None:
+            self.inner.step()
+        for n, master in self.masters.items():
+            self._owned_map[n].copy_(master)
+            master.grad = None
+        if self.distributed:
+            for owner in range(self.world_size):
+                params = [p for n, p in self.named if self.plan[n] == owner]
+                for bucket in _buckets(params, lambda p: p.numel() * p.element_size()):
+                    self._broadcast_bucket(bucket, owner)
+        self._synced = False
+
+    def _broadcast_bucket(self, params, owner):
+        src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+        by_dtype: dict[torch.dtype, list] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for ps in by_dtype.values():
+            flat = torch.cat([p.detach().reshape(-1) for p in ps]) if owner == self.rank else \
+                torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype)
+            dist.broadcast(flat, src=src, group=self.group)
+            if owner != self.rank:
+                off = 0
+                for p in ps:
+                    p.copy_(flat[off:off + p.numel()].view_as(p))
+                    off += p.numel()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, p in self.named:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        for m in self.masters.values():
+            m.grad = None
+        self._synced = False
+
+    def refresh_masters(self) -> None:
+        """Re-copy fp32 masters from the (possibly just loaded) low-precision weights."""
+        with torch.no_grad():
+            for n, m in self.masters.items():
+                m.copy_(self._owned_map[n].float())
+
+    # -- state -------------------------------------------------------------------------------------
+    def _index_names(self) -> list[str]:
+        """Names in the order torch.optim.Optimizer.state_dict numbers parameters."""
+        if self.inner is None:
+            return []
+        return [self._inner_names[id(p)] for g in self.inner.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        """This rank's owned state keyed by parameter name, plus the plan and world size."""
+        out = {"format": FORMAT_VERSION, "world_size": self.world_size, "rank": self.rank,
+               "optimizer": self.cfg.name, "plan": dict(self.plan), "state": {}, "masters": {},
+               "param_groups": []}
+        if self.inner is None:
+            return out
+        sd = self.inner.state_dict()
+        names = self._index_names()
+        for idx, st in sd["state"].items():
+            out["state"][names[idx]] = st
+        for g in sd["param_groups"]:
+            g = dict(g)
+            g["params"] = [names[i] for i in g["params"]]
+            out["param_groups"].append(g)
+        out["masters"] = {n: m.detach().clone() for n, m in self.masters.items()}
+        return out
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load states by name for the parameters this rank owns (the dict may hold more names, e.g. a
+        merge of several ranks' files, or come from a different world size)."""
+        unknown = set(sd.get("plan", {})) ^ {n for n, _ in self.named}
+        if sd.get("plan") and unknown:
+            raise ValueError(f"optimizer checkpoint does not match the model: parameter names differ, "
+                             f"e.g. {sorted(unknown)[0]!r}")
+        self.refresh_masters()
+        for n, m in sd.get("masters", {}).items():
+            if n in self.masters:
+                self.masters[n].data.copy_(m)
+        if self.inner is None:
+            return
+        names = self._index_names()
+        cur = self.inner.state_dict()
+        state = {i: sd["state"][n] for i, n in enumerate(names) if n in sd["state"]}
+        self.inner.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state tensors plus its fp32 master copies."""
+        inner = _tensor_bytes(list(self.inner.state.values())) if self.inner is not None else 0
+        return inner + sum(_tensor_bytes(m) for m in self.masters.values())
+
+    def __repr__(self):
+        return (f"ShardedOptimizer(rank {self.rank}/{self.world_size}, {self.grad_mode}, "
+                f"owns {len(self.owned)}/{len(self.named)} params, inner={type(self.inner).__name__})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints
+
+def _shard_file(rank: int) -> str:
+    return f"optim_rank{rank:05d}.pt"
+
+
+def save_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
+    """Every rank writes optim_rank{r:05d}.pt (its owned state); rank 0 writes optim_manifest.json."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / _shard_file(opt.rank)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(opt.state_dict(), tmp)
+    os.replace(tmp, path)
+    if opt.rank == 0:
+        manifest = {"format": FORMAT_VERSION, "world_size": opt.world_size, "optimizer": opt.cfg.name,
+                    "files": [_shard_file(r) for r in range(opt.world_size)], "plan": opt.plan}
+        tmp = ckpt_dir / "optim_manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, ckpt_dir / "optim_manifest.json")
+    if opt.distributed:
+        dist.barrier(group=opt.group)
+
+
+def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
+    """Load the states of the parameters this rank owns now, from whichever rank files hold them.
+
+    Every rank checks every file named by the manifest first, so a missing file fails all ranks alike
+    (no collective is involved, nothing hangs). Also refreshes fp32 masters from the weights.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    mpath = ckpt_dir / "optim_manifest.json"
+    if not mpath.is_file():
+        raise FileNotFoundError(f"optimizer checkpoint manifest {mpath} is missing; the checkpoint is incomplete")
+    manifest = json.loads(mpath.read_text())
+    for f in manifest["files"]:
+        if not (ckpt_dir / f).is_file():
+            raise FileNotFoundError(f"optimizer shard {ckpt_dir / f} is missing "
+                                    f"(checkpoint written by {manifest['world_size']} ranks)")
+    plan = manifest["plan"]
+    here = {n for n, _ in opt.named}
+    if set(plan) != here:
+        diff = sorted(set(plan) ^ here)
+        raise ValueError(f"optimizer checkpoint {ckpt_dir} does not match the model: parameter {diff[0]!r} "
+                         f"is in {'the checkpoint' if diff[0] in plan else 'the model'} only")
+    if manifest.get("optimizer", opt.cfg.name) != opt.cfg.name:
+        raise ValueError(f"optimizer checkpoint {ckpt_dir} was written by {manifest['optimizer']!r}, "
+                         f"this run uses {opt.cfg.name!r}")
+    need = {n for n, _ in opt.owned}
+    files = sorted({manifest["files"][plan[n]] for n in need})
+    merged = {"plan": plan, "state": {}, "masters": {}}
+    for f in files:
+        sd = torch.load(ckpt_dir / f, map_location="cpu", weights_only=True)
+        for key in ("state", "masters"):
+            merged[key].update({n: v for n, v in sd[key].items() if n in need})
+    opt.load_state_dict(merged)
