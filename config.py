@@ -66,6 +66,7 @@ class OptimConfig:
 class TrainConfig:
     micro_batch: int = 8               # sequences per rank per micro-step
     grad_accum: int = 1
+    global_batch: int = 0              # sequences per optimizer step; when set, grad_accum = global / (micro x world)
     max_steps: int = 200               # optimizer steps
     warmup_frac: float = 0.1           # linear warmup over this fraction of max_steps ...
     min_lr_frac: float = 0.1           # ... then cosine down to this fraction of optim.lr

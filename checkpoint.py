@@ -1,0 +1,141 @@
+"""Checkpoints: one step-numbered directory each, written atomically by all ranks.
+
+    RUN/checkpoints/step_00000100/
+        meta.json              step, tokens, elapsed time, resolved config, model args, world size (written last)
+        model.pt               model state_dict (rank 0)
+        optim_rank00000.pt ... each rank's owned optimizer state, + optim_manifest.json (optim/sharded.py)
+        data_stream000.pt ...  the position of every data stream (written by the rank that reads it)
+        rng_rank00000.pt ...   each rank's torch RNG states
+
+Every rank writes into `step_XXXXXXXX.tmp/`; after a barrier rank 0 writes meta.json and renames the
+directory, so a crash mid-write leaves only a `.tmp` directory and never damages the last good
+checkpoint. A directory is complete when it has no `.tmp` suffix and holds meta.json. Data streams are
+per stream (not per rank) and optimizer state is per parameter name, so a checkpoint resumes on any
+world size that divides data.num_streams.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from optim.sharded import load_optimizer_shards, save_optimizer_shards
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A missing, incomplete or corrupt checkpoint; the message is one line that names the fix."""
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+    """`none` -> None, `auto` -> newest complete checkpoint of out_dir (None if there is none), else a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"--train.resume={resume!r} is not a complete checkpoint (no meta.json); "
+                              f"pass a step_* directory under RUN/checkpoints or --train.resume=auto")
+    return path
+
+
+def _load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing; resume from another step_* "
+                              f"directory with --train.resume=PATH") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated ({type(e).__name__}); "
+                              f"resume from an earlier step_* directory with --train.resume=PATH") from None
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt}/meta.json is unreadable ({type(e).__name__}); "
+                              f"resume from another step_* directory with --train.resume=PATH") from None
+
+
+def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer, batches,
+                    rank: int, keep_last: int = 0) -> Path:
+    """Collective: every rank calls it at the same step."""
+    root = Path(out_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written attempt at this step
+        tmp.mkdir(parents=True)
+    _barrier()
+    if rank == 0:
+        torch.save(model.state_dict(), tmp / "model.pt")
+    save_optimizer_shards(optimizer, tmp)
+    for s, state in batches.state_dicts().items():
+        torch.save(state, tmp / f"data_stream{s:03d}.pt")
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)},
+               tmp / f"rng_rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving a step after a resume from an earlier one
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        if keep_last > 0:
+            for old in complete_checkpoints(out_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, batches, rank: int, num_streams: int) -> dict:
+    """Restore everything this rank needs; checks completeness before touching any state."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    missing = [name for name in ["model.pt"] + [f"data_stream{s:03d}.pt" for s in range(num_streams)]
+               if not (ckpt / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} lacks {missing[0]}"
+                              f"{f' and {len(missing) - 1} more files' if len(missing) > 1 else ''}; "
+                              f"resume from another step_* directory with --train.resume=PATH")
+    state = _load(ckpt / "model.pt")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt} holds a different model ({str(e).splitlines()[0]}); "
+                              f"resume with the run's own --model.* settings (see {ckpt}/meta.json)") from None
+    load_optimizer_shards(optimizer, ckpt)
+    batches.load_state_dicts({s: _load(ckpt / f"data_stream{s:03d}.pt") for s in batches.streams})
+    rng_file = ckpt / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than the checkpoint had: nothing random is used
+        rng = _load(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and rng["cuda"].numel():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return meta

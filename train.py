@@ -1,0 +1,288 @@
+"""Pre-train a LLaMA on C4 with AdamW, GaLore, RGP or their 8-bit variants. One loop, top to bottom.
+
+    # one process, CPU, the embedded default (builds .cache/corpus and .cache/tokenizer on first use)
+    python train.py --config configs/runs/tiny_cpu.toml
+    # data parallel, 2 processes (CPU: gloo; GPU: nccl)
+    torchrun --nproc_per_node=2 train.py --config configs/runs/tiny_cpu.toml --train.micro_batch=4
+    # through DeepSpeed: micro batch, accumulation, clipping and precision come from the JSON
+    deepspeed --num_gpus 2 train.py --config configs/runs/c4_llama_60m.toml --deepspeed configs/deepspeed/zero2.json
+    # resume the newest complete checkpoint of the run directory
+    python train.py --config configs/runs/tiny_cpu.toml --train.resume=auto
+
+A run writes to --train.out_dir: config.toml (resolved), metrics.jsonl (one JSON object per logged step),
+checkpoints/step_XXXXXXXX/. The optimizer is always wrapped in optim.sharded.ShardedOptimizer: with one
+process it is a pass-through; with N it gives every parameter one owner rank that keeps its state and
+computes its projection and update (DESIGN.md §5).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
+from config import ConfigError, parse_args, to_toml
+from data.c4 import DataError, TrainBatches, is_hub, validation_set
+from data.tokenizer import TokenizerError, load_tokenizer
+from model import build_model
+from optim.schedule import lr_multiplier
+from optim.sharded import ShardedOptimizer
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: launch/slurm.sbatch requeues the job on this code
+
+
+class RunError(RuntimeError):
+    """A run-level problem (existing run directory, NaN loss, ...); one line that names the fix."""
+
+
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; starts the process group when a launcher set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum plain numbers over ranks (one small collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def prepare_data(cfg, rank: int) -> None:
+    """Build the offline corpus / tokenizer under .cache/ when they are missing (rank 0; others wait)."""
+    if rank == 0 and cfg.data.build_local:
+        from data.corpus import ensure_corpus
+        from data.tokenizer import ensure_tokenizer
+        if not is_hub(cfg.data.path) and not Path(cfg.data.path).exists():
+            ensure_corpus(cfg.data.path)
+        if cfg.data.tokenizer.endswith(".model") and not Path(cfg.data.tokenizer).exists():
+            ensure_tokenizer(cfg.data.tokenizer, cfg.data.path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def evaluate(model, val: torch.Tensor, micro_batch: int, rank: int, world: int, device) -> float:
+    """Mean next-token loss over the fixed validation set; ranks split the sequences and sum."""
+    loss_sum, count = 0.0, 0
+    mine = val[rank::world]
+    for batch in mine.split(micro_batch):
+        batch = batch.to(device)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        n = batch[:, 1:].numel()
+        loss_sum, count = loss_sum + loss.item() * n, count + n
+    loss_sum, count = all_sum([loss_sum, count], device)
+    return loss_sum / count
+
+
+class RunLog:
+    """metrics.jsonl + stdout (+ wandb), rank 0 only."""
+
+    def __init__(self, cfg, out_dir: Path, rank: int, start_step: int):
+        self.on = rank == 0
+        self.path = out_dir / "metrics.jsonl"
+        self.wandb = None
+        self.bar = None
+        if not self.on:
+            return
+        if cfg.log.wandb:
+            import wandb
+            id_file = out_dir / "wandb_id.txt"  # one wandb run per run directory, continued on resume
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=cfg.log.wandb_project, id=run_id, resume="allow", dir=str(out_dir),
+                                    mode=cfg.log.wandb_mode, config=cfg.to_dict(), name=out_dir.name)
+        if cfg.log.progress and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, dynamic_ncols=True)
+
+    def log(self, record: dict, show: bool = True) -> None:
+        if not self.on:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if show:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            self.bar.write(text) if self.bar else print(text, flush=True)
+
+    def advance(self, loss: float) -> None:
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    t, d = cfg.train, cfg.data
+    rank, world, device = setup_distributed(t.device)
+    ds = None
+    if cfg.deepspeed:  # micro batch, accumulation, clipping, precision and ZeRO stage come from the JSON
+        from optim.deepspeed_glue import read_deepspeed_config
+        ds = read_deepspeed_config(cfg.deepspeed, world)
+        t.micro_batch, t.grad_accum, t.grad_clip = ds.micro_batch, ds.grad_accum, ds.grad_clip
+        t.dtype = "bfloat16" if ds.bf16 else "float32"
+    if t.global_batch:
+        if t.global_batch % (t.micro_batch * world):
+            raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of micro_batch x world size "
+                              f"= {t.micro_batch} x {world}; change --train.micro_batch or --train.global_batch")
+        t.grad_accum = t.global_batch // (t.micro_batch * world)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
+    out_dir = Path(t.out_dir)
+    ckpt = resolve_resume(t.resume, out_dir)
+    if ckpt is None and (out_dir / "metrics.jsonl").exists():
+        raise RunError(f"{out_dir} already holds a run; continue it with --train.resume=auto "
+                       f"or choose another --train.out_dir")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(to_toml(cfg))
+
+    # --- data, model, optimizer ---
+    prepare_data(cfg, rank)
+    tokenizer = load_tokenizer(d.tokenizer)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model.size, cfg.model.vocab_size or tokenizer.vocab_size, d.seq_len,
+                        dim=cfg.model.dim, n_layers=cfg.model.n_layers, n_heads=cfg.model.n_heads,
+                        intermediate_size=cfg.model.intermediate_size, norm_eps=cfg.model.norm_eps,
+                        rope_theta=cfg.model.rope_theta).to(device=device, dtype=dtype)
+    grad_mode = "reduce" if ds is not None and ds.zero_stage == 2 else "allreduce"
+    optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=grad_mode)
+    engine = None
+    if ds is not None:
+        from optim.deepspeed_glue import init_deepspeed
+        engine = init_deepspeed(model, optimizer, ds)
+    batches = TrainBatches(d.path, tokenizer, d.seq_len, d.num_streams, t.micro_batch, t.grad_accum, rank, world)
+    val = validation_set(d.path, tokenizer, d.seq_len, d.val_tokens)
+    global_batch = t.micro_batch * t.grad_accum * world
+    tokens_per_step = global_batch * d.seq_len
+    model_args = {k: getattr(model.args, k) for k in vars(model.args)}
+
+    step, tokens, elapsed_before = 0, 0, 0.0
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, model, optimizer, batches, rank, d.num_streams)
+        if meta["model_args"] != model_args:
+            raise CheckpointError(f"checkpoint {ckpt} was trained with model {meta['model_args']}; "
+                                  f"resume with the run's own --model.* settings")
+        step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
+    log = RunLog(cfg, out_dir, rank, step)
+    if rank == 0:
+        print(f"model {cfg.model.size}: {model.num_params() / 1e6:.2f}M params | optimizer {cfg.optim.name} | "
+              f"world {world} | global batch {global_batch} x {d.seq_len} tokens | device {device} {dtype} | "
+              f"{'resumed from ' + str(ckpt) if ckpt else 'fresh start'}", flush=True)
+
+    # SIGTERM / SIGUSR1 (SLURM's warning): checkpoint at the next step boundary, then exit for requeue.
+    preempt = {"flag": 0.0}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: preempt.__setitem__("flag", 1.0))
+
+    def save(step_now: int) -> None:
+        meta = {"step": step_now, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t0,
+                "world_size": world, "model_args": model_args, "config": cfg.to_dict()}
+        save_checkpoint(out_dir, step_now, meta, model, optimizer, batches, rank, t.keep_last)
+
+    t0 = time.time()
+    t_log, tokens_log = time.time(), tokens
+    while step < t.max_steps:
+        lr = cfg.optim.lr * lr_multiplier(step, t.max_steps, t.warmup_frac, t.min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # forward/backward over this rank's micro-batches; gradients accumulate in .grad
+        loss_sum = torch.zeros((), device=device)
+        for x, y in batches.next_step():
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if engine is not None:
+                _, loss = engine(x, y)
+                engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            else:
+                _, loss = model(x, y)
+                (loss / t.grad_accum).backward()
+            loss_sum += loss.detach()
+
+        # one small collective: the global mean loss, and whether any rank saw a non-finite loss or a signal
+        loss_mean, bad, stop = all_sum([loss_sum.item() / t.grad_accum, float(not math.isfinite(loss_sum.item())),
+                                        preempt["flag"]], device)
+        loss_mean /= world
+        if bad:
+            if not t.skip_nonfinite:
+                raise RunError(f"loss became {loss_mean} at step {step}; the last good checkpoint is untouched "
+                               f"(lower --optim.lr, or pass --train.skip_nonfinite=true to skip such steps)")
+            optimizer.zero_grad(set_to_none=True)
+            log.log({"step": step, "skipped_nonfinite": True, "loss": loss_mean})
+            step += 1
+            tokens += tokens_per_step
+            continue
+        optimizer.sync_gradients()
+        grad_norm = optimizer.clip_grad_norm_(t.grad_clip)
+        if engine is not None:
+            engine.step()  # calls optimizer.step() at the accumulation boundary
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        log.advance(loss_mean)
+
+        if step % cfg.log.log_every == 0 or step == t.max_steps:
+            now = time.time()
+            state_bytes = all_sum([optimizer.state_bytes()], device)[0]
+            log.log({"step": step, "tokens": tokens, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),
+                     "tokens_per_s": (tokens - tokens_log) / (now - t_log),
+                     "elapsed_s": elapsed_before + now - t0, "peak_mem_bytes": peak_memory_bytes(device),
+                     "optim_state_bytes": int(state_bytes)})
+            t_log, tokens_log = now, tokens
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            eval_loss = evaluate(model, val, t.micro_batch, rank, world, device)
+            log.log({"step": step, "tokens": tokens, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
+                     "elapsed_s": elapsed_before + time.time() - t0})
+        if stop or (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+            save(step)
+        if stop:
+            if rank == 0:
+                print(f"preempted: saved step {step} to {out_dir}/checkpoints; exiting {PREEMPTED_EXIT} "
+                      f"to be requeued", flush=True)
+            log.close()
+            return PREEMPTED_EXIT
+    log.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, DataError, TokenizerError, CheckpointError, RunError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
