@@ -15,6 +15,7 @@ only tokenizer.model encodes wrongly (DESIGN.md section 9).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import json
@@ -107,10 +108,16 @@ def ensure_tokenizer(model_path: str | Path, corpus_dir: str | Path,
     out = Path(model_path)
     if out.is_file():
         return out
-    start = time.time()
-    train_tokenizer(corpus_dir, out, vocab_size)
-    print(f"tokenizer: trained {out} ({vocab_size} pieces) in {time.time() - start:.1f} s",
-          file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Serialise concurrent callers (2 ranks, parallel test runs): one trains, the rest wait.
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.is_file():
+            return out
+        start = time.time()
+        train_tokenizer(corpus_dir, out, vocab_size)
+        print(f"tokenizer: trained {out} ({vocab_size} pieces) in {time.time() - start:.1f} s",
+              file=sys.stderr)
     return out
 
 
