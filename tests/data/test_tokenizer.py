@@ -96,15 +96,20 @@ def test_transformers_tokenizer_directory(tmp_path):
     assert tok.encode_batch(["hello world", "world zzz"]) == [[2, 3], [3, 0]]
 
 
-def test_train_small_model_atomically(corpus_dir, tmp_path):
-    # One shard (~1/16 of the corpus) keeps this at a few seconds.
+def test_train_small_model_atomically_and_deterministically(corpus_dir, tmp_path):
+    # 200 documents (~1/45 of the corpus) keep this at a few seconds.
     small = tmp_path / "corpus"
     small.mkdir()
     shard = sorted(corpus_dir.glob("c4-train.*.json.gz"))[0]
-    (small / shard.name).write_bytes(shard.read_bytes())
+    with gzip.open(shard, "rt", encoding="utf-8") as fh:
+        head = [next(fh) for _ in range(200)]
+    with gzip.open(small / "c4-train.00000-of-00001.json.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(head)
     out = tmp_path / "tok" / "small.model"
     T.train_tokenizer(small, out, vocab_size=512)
     assert sorted(p.name for p in out.parent.iterdir()) == ["small.model"], "temp files left"
+    T.train_tokenizer(small, tmp_path / "again.model", vocab_size=512)
+    assert (tmp_path / "again.model").read_bytes() == out.read_bytes()
     tok = load_tokenizer(out)
     assert tok.vocab_size == 512 and tok.eos_id == T.EOS_ID
     (ids,) = tok.encode_batch([SENTENCE])
