@@ -80,12 +80,15 @@ def param_cost(name: str, shape, cfg) -> tuple[float, float]:
     return float(numel), float(moment_bytes * numel)
 
 
-def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg) -> dict[str, int]:
-    """Assign every parameter to one rank: vector LPT over (refresh cost, state bytes).
+def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg, state_slack: float = 1.05) -> dict[str, int]:
+    """Assign every parameter to one rank: LPT on refresh cost under a cap on optimizer-state bytes.
 
-    Items are taken largest first (by the larger of their two normalised loads, then by name); each
-    goes to the rank whose worse normalised load after adding it is smallest (ties: smaller sum,
-    then lower rank). Deterministic from the arguments alone, so every rank computes the same plan.
+    Memory is the hard constraint (the rank with the most state sets the memory a run needs), so the
+    state bytes of a rank may not exceed `state_slack` x the mean (or the largest single item, if that
+    is bigger); among the ranks where the item fits, it goes to the one with the least refresh cost so
+    far (then the least state, then the lowest rank). Items are taken largest first by the larger of
+    their two shares (of total cost, of total state), then by name. Deterministic from the arguments
+    alone (not from dict order), so every rank computes the same plan.
     """
     names = list(shapes)
     if world_size < 1:
@@ -96,18 +99,23 @@ def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg) -> dict[str, 
     costs = {n: param_cost(n, shapes[n], cfg) for n in names}
     total_c = sum(c for c, _ in costs.values()) or 1.0
     total_b = sum(b for _, b in costs.values()) or 1.0
-    norm = {n: (c / total_c, b / total_b) for n, (c, b) in costs.items()}
-    order = sorted(names, key=lambda n: (-max(norm[n]), -sum(norm[n]), n))
-    load = [[0.0, 0.0] for _ in range(world_size)]
+    share = {n: (c / total_c, b / total_b) for n, (c, b) in costs.items()}
+    cap = max(state_slack / world_size, max(b for _, b in share.values()))
+    order = sorted(names, key=lambda n: (-max(share[n]), -sum(share[n]), n))
+    load_c = [0.0] * world_size
+    load_b = [0.0] * world_size
     plan: dict[str, int] = {}
     for n in order:
-        c, b = norm[n]
-        best = min(range(world_size),
-                   key=lambda r: (max(load[r][0] + c, load[r][1] + b), load[r][0] + c + load[r][1] + b, r))
-        load[best][0] += c
-        load[best][1] += b
+        c, b = share[n]
+        fits = [r for r in range(world_size) if load_b[r] + b <= cap + 1e-12]
+        if fits:
+            best = min(fits, key=lambda r: (load_c[r] + c, load_b[r] + b, r))
+        else:
+            best = min(range(world_size), key=lambda r: (load_b[r] + b, load_c[r] + c, r))
+        load_c[best] += c
+        load_b[best] += b
         plan[n] = best
-    return {n: plan[n] for n in names}
+    return {n: plan[n] for n in sorted(names)}
 
 
 def plan_summary(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size: int | None = None) -> dict:

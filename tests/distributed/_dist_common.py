@@ -1,0 +1,91 @@
+"""Shared by the distributed tests and their worker scripts: a tiny LLaMA, a deterministic global batch,
+and one training loop used identically by 1 process, N torchrun processes and N DeepSpeed processes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from config import OptimConfig  # noqa: E402
+from model.llama import build_model  # noqa: E402
+
+ALL_NAMES = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
+VOCAB, SEQ, GLOBAL_BATCH, STEPS, CLIP = 256, 32, 4, 6, 0.5
+
+
+def available_names() -> list[str]:
+    try:
+        from optim import OPTIMIZERS
+        return [n for n in ALL_NAMES if n in OPTIMIZERS]
+    except ImportError:
+        return ["adamw"]
+
+
+def builder():
+    """optim.build_optimizer when it exists, else a torch AdamW stand-in carrying names."""
+    try:
+        from optim import build_optimizer
+        return build_optimizer
+    except ImportError:
+        def stand_in(named, cfg):
+            named = list(named)
+            return torch.optim.AdamW([{"params": [p for _, p in named], "names": [n for n, _ in named]}],
+                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, foreach=False)
+        return stand_in
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return build_model("tiny", VOCAB, SEQ, dim=64, n_layers=2, n_heads=2, intermediate_size=128).to(dtype)
+
+
+def make_cfg(name: str) -> OptimConfig:
+    return OptimConfig(name=name, lr=0.01, rank=8, update_proj_gap=2, weight_decay=0.01)
+
+
+def global_batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+
+
+def train(model, opt, start: int, stop: int, rank: int = 0, world: int = 1, identical: bool = False,
+          accum: int = 1, engine=None, clip: float = CLIP):
+    """Optimizer steps start..stop-1. Rank r takes its 1/world of the global batch (all of it if identical)."""
+    for step in range(start, stop):
+        batch = global_batch(step)
+        if not identical:
+            batch = batch.chunk(world)[rank]
+        for mb in batch.chunk(accum):
+            if engine is not None:
+                loss = engine(mb[:, :-1], mb[:, 1:])[1]
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss = model(mb[:, :-1], mb[:, 1:])[1]
+                (loss / accum).backward()
+        if engine is None:
+            opt.sync_gradients()
+            opt.clip_grad_norm_(clip)
+            opt.step()
+            opt.zero_grad()
+
+
+def weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def ranks_agree(model) -> bool:
+    """Every rank holds bit-identical weights (compared against rank 0's)."""
+    import torch.distributed as dist
+    flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    ok = torch.tensor([int(torch.equal(ref, flat))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())

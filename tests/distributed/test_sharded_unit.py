@@ -1,0 +1,124 @@
+"""Single-process tests of the ownership plan and of the world-size-1 pass-through."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist_common as C  # noqa: E402
+
+from model.llama import build_model  # noqa: E402
+from optim.deepspeed_glue import DeepSpeedConfigError, read_settings  # noqa: E402
+from optim.sharded import (ShardedOptimizer, load_optimizer_shards, param_cost, plan_ownership, plan_summary,  # noqa: E402
+                           save_optimizer_shards)
+
+
+def shapes_of(size: str, vocab: int = 32000) -> dict:
+    with torch.device("meta"):
+        model = build_model(size, vocab, 256)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def test_plan_is_deterministic_and_order_free():
+    shapes = shapes_of("60m")
+    cfg = C.make_cfg("galore")
+    plan = plan_ownership(shapes, 4, cfg)
+    items = list(shapes.items())
+    random.Random(0).shuffle(items)
+    assert plan_ownership(dict(items), 4, cfg) == plan
+    assert plan_ownership(shapes, 4, cfg) == plan
+    assert set(plan) == set(shapes) and set(plan.values()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("name", ["adamw", "galore", "rgp8bit"])
+@pytest.mark.parametrize("size,world", [("60m", 2), ("60m", 4), ("1b", 8)])
+def test_plan_balances_state(name, size, world):
+    shapes = shapes_of(size)
+    cfg = C.make_cfg(name)
+    cfg.rank = 128 if size == "60m" else 512
+    s = plan_summary(plan_ownership(shapes, world, cfg), shapes, cfg, world)
+    # no plan beats the largest single item (60M's embedding is over a quarter of AdamW's state)
+    largest = max(param_cost(n, sh, cfg)[1] for n, sh in shapes.items())
+    floor = largest / (sum(s["state_bytes"]) / world)
+    assert s["state_imbalance"] <= max(1.10, floor * 1.001), s
+
+
+def test_world_larger_than_params_is_refused():
+    shapes = {"a": (4, 4), "b": (4,)}
+    with pytest.raises(ValueError, match="at most 2"):
+        plan_ownership(shapes, 3, C.make_cfg("adamw"))
+
+
+@pytest.mark.parametrize("name", C.available_names())
+def test_world_size_one_is_the_bare_optimizer(name):
+    cfg = C.make_cfg(name)
+    m1, m2 = C.tiny_model(), C.tiny_model()
+    opt = ShardedOptimizer(list(m1.named_parameters()), cfg, build_inner=C.builder())
+    ref = C.builder()(list(m2.named_parameters()), cfg)
+    assert opt.world_size == 1 and not opt.distributed and len(opt.owned) == len(list(m1.parameters()))
+    for step in range(C.STEPS):
+        batch = C.global_batch(step)
+        for model in (m1, m2):
+            model(batch[:, :-1], batch[:, 1:])[1].backward()
+        opt.sync_gradients()
+        n1 = opt.clip_grad_norm_(C.CLIP)
+        n2 = torch.nn.utils.clip_grad_norm_(m2.parameters(), C.CLIP)
+        assert torch.equal(n1, n2)
+        for g in opt.param_groups:
+            g["lr"] = 0.01 * (step + 1) / C.STEPS
+        for g in ref.param_groups:
+            g["lr"] = 0.01 * (step + 1) / C.STEPS
+        opt.step(); ref.step(); opt.zero_grad(); ref.zero_grad()
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_state_dict_by_name_roundtrip(tmp_path):
+    cfg = C.make_cfg("galore" if "galore" in C.available_names() else "adamw")
+    model = C.tiny_model()
+    opt = ShardedOptimizer(list(model.named_parameters()), cfg, build_inner=C.builder())
+    C.train(model, opt, 0, 3)
+    sd = opt.state_dict()
+    assert set(sd["state"]) <= {n for n, _ in model.named_parameters()} and sd["world_size"] == 1
+    torch.save(sd, tmp_path / "o.pt")
+    sd2 = torch.load(tmp_path / "o.pt", weights_only=True)
+    assert opt.state_bytes() > 0
+    save_optimizer_shards(opt, tmp_path / "ck")
+    m2 = C.tiny_model(seed=5)
+    m2.load_state_dict(model.state_dict())
+    opt2 = ShardedOptimizer(list(m2.named_parameters()), cfg, build_inner=C.builder())
+    opt2.load_state_dict(sd2)
+    opt3 = ShardedOptimizer(list(m2.named_parameters()), cfg, build_inner=C.builder())
+    load_optimizer_shards(opt3, tmp_path / "ck")
+    for a, b in ((opt.state_dict(), opt2.state_dict()), (opt.state_dict(), opt3.state_dict())):
+        for n, st in a["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b["state"][n][k]) if torch.is_tensor(v) else v == b["state"][n][k]
+
+
+def test_bf16_single_process_keeps_fp32_masters():
+    model = C.tiny_model(dtype=torch.bfloat16)
+    opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg("adamw"), build_inner=C.builder())
+    C.train(model, opt, 0, 1)
+    assert set(opt.masters) == {n for n, _ in model.named_parameters()}
+    assert all(m.dtype == torch.float32 for m in opt.masters.values())
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, opt.masters[n].bfloat16())
+               for n, p in model.named_parameters())
+
+
+def test_deepspeed_settings_and_refusals(tmp_path):
+    settings, patched = read_settings(C.REPO / "configs/deepspeed/zero2.json")
+    assert settings["grad_mode"] == "reduce" and settings["stage"] == 2
+    assert patched["zero_optimization"] == {"stage": 0} and patched["gradient_clipping"] == 0.0
+    assert "bf16" not in patched
+    assert read_settings(C.REPO / "configs/deepspeed/zero1.json")[0]["grad_mode"] == "allreduce"
+    with pytest.raises(DeepSpeedConfigError, match="stage 3"):
+        read_settings(C.REPO / "configs/deepspeed/zero3.json")
+    base = {"train_micro_batch_size_per_gpu": 1}
+    for bad, msg in [({"fp16": {"enabled": True}}, "fp16"),
+                     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+                     ({"optimizer": {"type": "Adam"}}, "optimizer")]:
+        with pytest.raises(DeepSpeedConfigError, match=msg):
+            read_settings({**base, **bad})

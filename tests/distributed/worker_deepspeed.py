@@ -1,0 +1,81 @@
+"""2-process worker under the `deepspeed` launcher: every optimizer x ZeRO stage (1, 2) through
+optim.deepspeed_glue.init_deepspeed, with 2 accumulation micro-steps per rank; zero3 refused.
+Rank 0 writes OUT/results_deepspeed.pt.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/distributed/worker_deepspeed.py OUT_DIR NAMES
+"""
+import json
+import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist_common as C  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from optim.deepspeed_glue import DeepSpeedConfigError, init_deepspeed  # noqa: E402
+from optim.sharded import ShardedOptimizer  # noqa: E402
+
+ACCUM = 2
+
+
+def ds_config(out: Path, stage: int) -> Path:
+    path = out / f"zero{stage}.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": C.GLOBAL_BATCH // 2 // ACCUM,
+                                "gradient_accumulation_steps": ACCUM, "gradient_clipping": C.CLIP,
+                                "bf16": {"enabled": False}, "zero_optimization": {"stage": stage},
+                                "steps_per_print": 10**9}))
+    return path
+
+
+def main(out: Path, names: list[str]):
+    args = [a for a in sys.argv if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
+    del args
+    torch.set_num_threads(1)
+    build = C.builder()
+    res = {}
+    for name in names:
+        for stage in (1, 2):
+            model = C.tiny_model()
+            made = {}
+
+            def make(mode, model=model, name=name):
+                made["opt"] = ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), build_inner=build,
+                                               grad_mode=mode)
+                return made["opt"]
+            t0 = time.time()
+            engine, settings = init_deepspeed(model, make, ds_config(out, stage))
+            print(f"[rank {dist.get_rank()}] {name} zero{stage} init {time.time() - t0:.1f}s", flush=True)
+            opt = made["opt"]
+            calls = []
+            inner_step = opt.inner.step if opt.inner is not None else (lambda: None)
+            if opt.inner is not None:
+                opt.inner.step = lambda *a, **k: (calls.append(1), inner_step())[1]
+            rank, world = dist.get_rank(), dist.get_world_size()
+            t0 = time.time()
+            C.train(model, opt, 0, C.STEPS, rank, world, accum=ACCUM, engine=engine)
+            print(f"[rank {rank}] train {time.time() - t0:.1f}s", flush=True)
+            key = f"{name}/zero{stage}"
+            res[key] = C.weights(model)
+            res[key + "/agree"] = C.ranks_agree(model)
+            res[key + "/mode"] = opt.grad_mode
+            res[key + "/engine_optimizer"] = type(engine.optimizer).__name__
+            res[key + "/inner_steps"] = len(calls)
+            res[key + "/owned"] = len(opt.owned)
+            res[key + "/grad_norm"] = float(opt.last_grad_norm)
+            res[key + "/backward_allreduce"] = bool(engine.enable_backward_allreduce)
+    try:
+        init_deepspeed(C.tiny_model(), lambda mode: None, ds_config(out, 3))
+        res["zero3"] = "accepted"
+    except DeepSpeedConfigError as e:
+        res["zero3"] = str(e)
+    if dist.get_rank() == 0:
+        torch.save(res, out / "results_deepspeed.pt")
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    pos = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(Path(pos[0]), pos[1].split(","))
