@@ -67,7 +67,8 @@ class TrainConfig:
     micro_batch: int = 8               # sequences per rank per micro-step
     grad_accum: int = 1
     global_batch: int = 0              # sequences per optimizer step; when set, grad_accum = global / (micro x world)
-    max_steps: int = 200               # optimizer steps
+    max_steps: int = 200               # optimizer steps (sets the LR schedule)
+    stop_at_step: int = 0              # checkpoint and exit after this step (time-sliced jobs); 0 runs to max_steps
     warmup_frac: float = 0.1           # linear warmup over this fraction of max_steps ...
     min_lr_frac: float = 0.1           # ... then cosine down to this fraction of optim.lr
     grad_clip: float = 1.0             # 0 disables clipping

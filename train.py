@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             eval_loss = evaluate(model, val, t.micro_batch, rank, world, device)
             log.log({"step": step, "tokens": tokens, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
                      "elapsed_s": elapsed_before + time.time() - t0})
-        if stop or (t.save_every and step % t.save_every == 0) or step == t.max_steps:
+        stop_here = step == t.stop_at_step
+        if stop or stop_here or (t.save_every and step % t.save_every == 0) or step == t.max_steps:
             save(step)
         if stop:
             if rank == 0:
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"to be requeued", flush=True)
             log.close()
             return PREEMPTED_EXIT
+        if stop_here:
+            break
     log.close()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,0 +1,114 @@
+"""End-to-end trainer tests on the local corpus with a very small LLaMA (CPU, seconds per run)."""
+import gzip
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import CheckpointError, complete_checkpoints
+from config import ConfigError
+from data.c4 import DataError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_run(corpus_dir, spm_path, out_dir, *extra):
+    """CLI args of a ~0.6M-parameter run: 2 layers of width 64 on 64-token sequences."""
+    return ["--config", str(REPO / "configs/runs/tiny_cpu.toml"),
+            f"--data.path={corpus_dir}", f"--data.tokenizer={spm_path}", "--data.seq_len=64",
+            "--data.val_tokens=2048", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=2",
+            "--model.intermediate_size=160", "--train.micro_batch=4", "--train.grad_accum=2",
+            "--train.max_steps=8", "--train.eval_every=4", "--train.save_every=4", "--log.log_every=1",
+            "--log.progress=false", f"--train.out_dir={out_dir}", *extra]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out_dir):
+    last = complete_checkpoints(out_dir)[-1]
+    return torch.load(last / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "rgp"])
+def test_resume_is_bit_identical(corpus_dir, spm_path, tmp_path, optim):
+    """8 uninterrupted steps == 4 steps, stop, resume for 4 more: same losses, eval and weights, bit for bit."""
+    extra = [f"--optim.name={optim}", "--optim.rank=8", "--optim.update_proj_gap=3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert train.main(small_run(corpus_dir, spm_path, full, *extra)) == 0
+    assert train.main(small_run(corpus_dir, spm_path, cut, *extra, "--train.stop_at_step=4")) == 0
+    assert [c.name for c in complete_checkpoints(cut)] == ["step_00000004"]
+    assert train.main(small_run(corpus_dir, spm_path, cut, *extra, "--train.resume=auto")) == 0
+
+    def by_step(records, key):
+        return {r["step"]: r[key] for r in records if key in r}
+
+    full_m, cut_m = metrics(full), metrics(cut)
+    assert by_step(full_m, "loss") == by_step(cut_m, "loss")
+    assert by_step(full_m, "eval_loss") == by_step(cut_m, "eval_loss")
+    a, b = final_weights(full), final_weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_and_checkpoint_contents(corpus_dir, spm_path, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small_run(corpus_dir, spm_path, out, "--train.keep_last=1")) == 0
+    records = metrics(out)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for r in steps:
+        assert {"step", "tokens", "loss", "lr", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] == r["step"] * 8 * 64
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(math.isclose(r["eval_ppl"], math.exp(r["eval_loss"])) for r in evals)
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(8192)  # it learns
+    assert [c.name for c in complete_checkpoints(out)] == ["step_00000008"]  # keep_last=1
+    meta = json.loads((complete_checkpoints(out)[-1] / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["config"]["optim"]["name"] == "adamw"
+    assert (out / "config.toml").read_text().count("[optim]") == 1
+
+
+def test_bad_inputs_give_one_line_errors(corpus_dir, spm_path, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        train.main(small_run(corpus_dir, spm_path, tmp_path / "a", "--optim.lrr=0.1"))
+    with pytest.raises(ConfigError, match="train.max_steps: expected int"):
+        train.main(small_run(corpus_dir, spm_path, tmp_path / "a", "--train.max_steps=ten"))
+    with pytest.raises(DataError, match="is not a directory"):
+        train.main(small_run(tmp_path / "nowhere", spm_path, tmp_path / "b", "--data.build_local=false"))
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus_dir, shards)
+    (sorted(shards.glob("*train*.json.gz"))[3]).write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        train.main(small_run(shards, spm_path, tmp_path / "c"))
+    with pytest.raises(DataError, match="does not divide|not a multiple"):
+        train.main(small_run(corpus_dir, spm_path, tmp_path / "d", "--train.micro_batch=3"))
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(corpus_dir, spm_path, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(small_run(corpus_dir, spm_path, out)) == 0
+    good, last = complete_checkpoints(out)
+    data = (last / "model.pt").read_bytes()
+    (last / "model.pt").write_bytes(data[: len(data) // 2])  # truncated on disk
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        train.main(small_run(corpus_dir, spm_path, out, "--train.resume=auto", "--train.max_steps=12"))
+    assert (good / "model.pt").is_file() and (good / "meta.json").is_file()  # the earlier one is untouched
+    assert train.main(small_run(corpus_dir, spm_path, out, f"--train.resume={good}", "--train.max_steps=12")) == 0
+    # a run directory that already holds a run is never overwritten by a fresh start
+    with pytest.raises(train.RunError, match="already holds a run"):
+        train.main(small_run(corpus_dir, spm_path, out))
+
+
+def test_cli_error_is_one_line(corpus_dir, spm_path, tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", *small_run(corpus_dir, spm_path, tmp_path / "x", "--optim.nme=rgp")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown config key 'optim.nme'; did you mean 'optim.name'?"]
