@@ -121,6 +121,7 @@ def ensure_tokenizer(model_path: str | Path, corpus_dir: str | Path,
     out = Path(model_path)
     if out.is_file():
         return out
+    next(_train_lines(Path(corpus_dir)), None)  # fail on a missing corpus before creating dirs
     out.parent.mkdir(parents=True, exist_ok=True)
     # Serialise concurrent callers (2 ranks, parallel test runs): one trains, the rest wait.
     with open(out.parent / f".{out.name}.lock", "w") as lock:
