@@ -62,6 +62,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._decode(list(ids))
 
+    def __reduce__(self):
+        # Picklable for spawned DataLoader workers / ranks: send the spec, load it again there.
+        return load_tokenizer, (self.name,)
+
 
 # ----------------------------------------------------------------------------- training
 

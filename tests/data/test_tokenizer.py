@@ -1,6 +1,7 @@
 """Tokenizer loading and training: ids identical to SentencePiece itself, EOS, round trips, errors."""
 import gzip
 import json
+import pickle
 
 import pytest
 import sentencepiece as spm
@@ -52,6 +53,13 @@ def test_byte_fallback_covers_unseen_characters(spm_path):
     assert sp.unk_id() not in ids
     assert any(sp.is_byte(i) for i in ids)
     assert tok.decode(ids) == "漢"
+
+
+def test_tokenizer_pickles_by_spec(spm_path):
+    tok = load_tokenizer(spm_path)
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.name == tok.name and clone.eos_id == tok.eos_id
+    assert clone.encode_batch([SENTENCE]) == tok.encode_batch([SENTENCE])
 
 
 def test_missing_model_file_names_the_fix(tmp_path):
