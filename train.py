@@ -178,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                         rope_theta=cfg.model.rope_theta).to(device=device, dtype=dtype)
     grad_mode = "reduce" if ds is not None and ds.zero_stage == 2 else "allreduce"
     optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=grad_mode)
+    stepper = None
+    if cfg.optim.layerwise:  # step each parameter in its backward hook (optim/layerwise.py)
+        if world > 1 or ds is not None or dtype != torch.float32 or t.grad_clip > 0:
+            raise ConfigError("optim.layerwise needs one process, train.dtype=float32 and train.grad_clip=0 "
+                              "(a parameter is updated before the other gradients exist)")
+        from optim.layerwise import LayerwiseStepper
+        stepper = LayerwiseStepper(optimizer.inner)
     engine = None
     if ds is not None:
         from optim.deepspeed_glue import init_deepspeed
@@ -220,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # forward/backward over this rank's micro-batches; gradients accumulate in .grad
         loss_sum = torch.zeros((), device=device)
-        for x, y in batches.next_step():
+        for micro, (x, y) in enumerate(batches.next_step()):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if engine is not None:
                 _, loss = engine(x, y)
                 engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            elif stepper is not None and micro == t.grad_accum - 1:
+                _, loss = model(x, y)
+                with stepper.armed():  # the last backward of the window updates and frees each gradient
+                    (loss / t.grad_accum).backward()
             else:
                 _, loss = model(x, y)
                 (loss / t.grad_accum).backward()
@@ -243,13 +254,16 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             tokens += tokens_per_step
             continue
-        optimizer.sync_gradients()
-        grad_norm = optimizer.clip_grad_norm_(t.grad_clip)
-        if engine is not None:
-            engine.step()  # calls optimizer.step() at the accumulation boundary
+        if stepper is not None:  # already stepped inside backward; no gradient is left
+            grad_norm = None
         else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            optimizer.sync_gradients()
+            grad_norm = optimizer.clip_grad_norm_(t.grad_clip)
+            if engine is not None:
+                engine.step()  # calls optimizer.step() at the accumulation boundary
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += tokens_per_step
         log.advance(loss_mean)
@@ -257,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if step % cfg.log.log_every == 0 or step == t.max_steps:
             now = time.time()
             state_bytes = all_sum([optimizer.state_bytes()], device)[0]
-            log.log({"step": step, "tokens": tokens, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),
+            log.log({"step": step, "tokens": tokens, "loss": loss_mean, "lr": lr,
+                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                      "tokens_per_s": (tokens - tokens_log) / (now - t_log),
                      "elapsed_s": elapsed_before + now - t0, "peak_mem_bytes": peak_memory_bytes(device),
                      "optim_state_bytes": int(state_bytes)})

@@ -57,6 +57,18 @@ def test_resume_is_bit_identical(corpus_dir, spm_path, tmp_path, optim):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_layerwise_equals_normal_step(corpus_dir, spm_path, tmp_path):
+    """Stepping each parameter in its backward hook (grad_accum=2) gives the weights of a normal step."""
+    extra = ["--optim.name=galore", "--optim.rank=8", "--optim.update_proj_gap=3", "--train.grad_clip=0",
+             "--train.max_steps=4", "--train.eval_every=0"]
+    assert train.main(small_run(corpus_dir, spm_path, tmp_path / "normal", *extra)) == 0
+    assert train.main(small_run(corpus_dir, spm_path, tmp_path / "lw", *extra, "--optim.layerwise=true")) == 0
+    a, b = final_weights(tmp_path / "normal"), final_weights(tmp_path / "lw")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="layerwise needs"):
+        train.main(small_run(corpus_dir, spm_path, tmp_path / "x", "--optim.layerwise=true"))  # grad_clip 1.0
+
+
 def test_metrics_and_checkpoint_contents(corpus_dir, spm_path, tmp_path):
     out = tmp_path / "run"
     assert train.main(small_run(corpus_dir, spm_path, out, "--train.keep_last=1")) == 0
