@@ -197,7 +197,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32", 
         if tok_path.suffix == ".model" and tok_path.is_file():
             shutil.copyfile(tok_path, out_dir / "tokenizer.model")
             info["tokenizer"] = "tokenizer.model (SentencePiece)"
-            tok_note = (f"tokenizer: copied {tok_path} -> {out_dir / 'tokenizer.model'}; load it with "
+            tok_note = (f"tokenizer: copied {tok_path.resolve()} -> {out_dir / 'tokenizer.model'}; load it with "
                         f"sentencepiece.SentencePieceProcessor(model_file='{out_dir / 'tokenizer.model'}') "
                         f"(not AutoTokenizer: a folder with only tokenizer.model encodes wrongly)")
         elif tok_path.suffix == ".model":
