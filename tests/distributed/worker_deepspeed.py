@@ -5,6 +5,7 @@ Rank 0 writes OUT/results_deepspeed.pt.
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/distributed/worker_deepspeed.py OUT_DIR NAMES
 """
 import json
+import os
 import time
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ ACCUM = 2
 
 
 def ds_config(out: Path, stage: int) -> Path:
-    path = out / f"zero{stage}.json"
+    path = out / f"zero{stage}_rank{os.environ.get('RANK', '0')}.json"   # one file per rank: no write race
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": C.GLOBAL_BATCH // 2 // ACCUM,
                                 "gradient_accumulation_steps": ACCUM, "gradient_clipping": C.CLIP,
                                 "bf16": {"enabled": False}, "zero_optimization": {"stage": stage},
