@@ -192,3 +192,11 @@ def test_deepspeed_matches_single_process(deepspeed_results, full_batch_referenc
 
 def test_deepspeed_refuses_zero3(deepspeed_results):
     assert "stage 3 is not supported" in deepspeed_results["zero3"]
+
+
+def test_deepspeed_bf16_keeps_our_optimizer(deepspeed_results):
+    res = deepspeed_results
+    assert res["bf16/engine_optimizer"] == "ShardedOptimizer"      # not BF16_Optimizer / FP16_UnfusedOptimizer
+    assert res["bf16/param_dtypes"] == ["torch.bfloat16"] and res["bf16/master_dtypes"] == ["torch.float32"]
+    assert res["bf16/masters_owned"] and res["bf16/agree"]
+    assert res["bf16/settings"]["bf16"] and res["bf16/settings"]["grad_accum"] == 2

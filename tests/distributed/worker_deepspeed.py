@@ -67,6 +67,28 @@ def main(out: Path, names: list[str]):
             res[key + "/owned"] = len(opt.owned)
             res[key + "/grad_norm"] = float(opt.last_grad_norm)
             res[key + "/backward_allreduce"] = bool(engine.enable_backward_allreduce)
+    # bf16 in the ds_config: we cast the model ourselves, the engine must not wrap our optimizer
+    path = ds_config(out, 2)
+    conf = json.loads(path.read_text())
+    conf["bf16"] = {"enabled": True}
+    path = out / f"bf16_rank{os.environ.get('RANK', '0')}.json"
+    path.write_text(json.dumps(conf))
+    model = C.tiny_model()
+    made = {}
+    engine, settings = init_deepspeed(
+        model, lambda mode: made.setdefault("opt", ShardedOptimizer(list(model.named_parameters()), C.make_cfg(names[0]),
+                                                                     build_inner=build, grad_mode=mode)), path)
+    C.train(model, made["opt"], 0, 2, dist.get_rank(), dist.get_world_size(), accum=ACCUM, engine=engine)
+    res["bf16/engine_optimizer"] = type(engine.optimizer).__name__
+    res["bf16/param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    res["bf16/master_dtypes"] = sorted({str(m.dtype) for m in made["opt"].masters.values()})
+    res["bf16/masters_owned"] = len(made["opt"].masters) == len(made["opt"].owned)
+    res["bf16/agree"] = C.ranks_agree(model)
+    res["bf16/settings"] = {k: v for k, v in settings.items() if k != "optimizer"}
+    # what engine.save_checkpoint writes with our optimizer at stage 0
+    engine.save_checkpoint(str(out / "dsckpt"), tag="t")
+    dist.barrier()
+    res["ds_checkpoint_files"] = sorted(p.name for p in (out / "dsckpt" / "t").iterdir())
     try:
         init_deepspeed(C.tiny_model(), lambda mode: None, ds_config(out, 3))
         res["zero3"] = "accepted"
