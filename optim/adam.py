@@ -246,6 +246,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._groups_of = {}
         self._reindex()
 
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("names", [])
+        super().add_param_group(param_group)
+        if hasattr(self, "_names"):
+            self._reindex()
+
     def _reindex(self):
         self._names = {}
         self._groups_of = {}
@@ -288,8 +294,14 @@ class LowRankAdamW(torch.optim.Optimizer):
                 state["step"] = 0
                 state.update(init_moments(p, 32))
             state["step"] += 1
-            adamw_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2,
-                         eps, wd)
+            if p.dtype == torch.float32:
+                adamw_update(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2,
+                             eps, wd)
+            else:   # low-precision weights without a master copy: fp32 moments and math, rounded once
+                p32 = p.detach().float()
+                adamw_update(p32, grad.float(), state["exp_avg"], state["exp_avg_sq"], state["step"], lr,
+                             beta1, beta2, eps, wd)
+                p.copy_(p32)
 
     @torch.no_grad()
     def step(self, closure=None):

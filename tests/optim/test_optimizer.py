@@ -211,3 +211,16 @@ def test_bad_input_errors_are_one_line():
         build_optimizer(model, _cfg("adamw")).load_state_dict({"foo": 1})
     # adamw ignores the projection knobs
     build_optimizer(model, _cfg("adamw", rank=0, update_proj_gap=0))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_bf16_parameters_step(name):
+    p = nn.Parameter((torch.randn(64, 96) * 0.1).bfloat16())
+    e = nn.Parameter(torch.randn(5000).bfloat16())
+    opt = build_optimizer([("layers.0.mlp.up_proj.weight", p), ("embed_tokens.weight", e)], _cfg(name, rank=8))
+    before = p.detach().clone()
+    for _ in range(2):
+        p.grad = torch.randn(64, 96).bfloat16()
+        e.grad = torch.randn(5000).bfloat16()
+        opt.step()
+    assert p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all() and not torch.equal(p, before)
