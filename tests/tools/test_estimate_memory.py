@@ -1,0 +1,50 @@
+"""tools/estimate_memory.py: the optimizer-state estimate equals the real optimizer's state on the tiny model,
+and the sharded accounting behaves (states fall ~1/N, ZeRO-2 frees step-time gradients, bf16 adds masters)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.estimate_memory import OPTIMIZERS, estimate, main, measured_state_bytes
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_state_estimate_matches_real_optimizer(optim):
+    est = estimate(model="tiny", optim=optim, rank=16, world_size=1, zero=0, micro_batch=1, seq_len=64,
+                   dtype="fp32", vocab=8192)["optimizer_state"]
+    got = measured_state_bytes("tiny", optim, rank=16, vocab=8192)
+    assert abs(est - got) / got <= 0.02, (est, got)
+
+
+def test_sharding_divides_state_and_zero2_frees_grads():
+    one = estimate(model="60m", optim="rgp", rank=128, world_size=1, zero=1, dtype="bf16")
+    four = estimate(model="60m", optim="rgp", rank=128, world_size=4, zero=1, dtype="bf16")
+    four_z2 = estimate(model="60m", optim="rgp", rank=128, world_size=4, zero=2, dtype="bf16")
+    assert sum(four["optimizer_state_per_rank"]) == one["optimizer_state"] == four["optimizer_state_total"]
+    # the worst rank holds at most ~1/N of the state, or the largest single item (60m: embed_tokens / lm_head)
+    largest = 2 * 4 * 32000 * 512
+    assert one["optimizer_state"] / 4 <= four["optimizer_state"] <= max(1.1 * one["optimizer_state"] / 4, largest)
+    assert four["weights"] == one["weights"] == 2 * one["params"]          # full bf16 weights everywhere
+    assert one["masters"] == 4 * one["params"] and four["masters"] < one["masters"]
+    assert four_z2["grads_step"] < four["grads_step"]
+    assert four_z2["grads_backward"] == four["grads_backward"]            # backward peak is not lowered
+    fp32 = estimate(model="60m", optim="rgp", rank=128, world_size=1, zero=1, dtype="fp32")
+    assert fp32["masters"] == 0
+    math_attn = estimate(model="60m", optim="rgp", rank=128, world_size=1, attention="math")
+    assert math_attn["activations_estimate"] > one["activations_estimate"]
+
+
+def test_cli_prints_table_and_json(capsys):
+    assert main(["--model", "llama_1b", "--optim", "rgp8bit", "--rank", "512", "--world-size", "8", "--zero", "2",
+                 "--micro-batch", "16"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("llama_1b") and any("PEAK per GPU" in line for line in out)
+    rec = json.loads(out[-1])
+    assert rec["world_size"] == 8 and rec["peak"] >= rec["optimizer_state"] + rec["weights"]
+    assert len(rec["optimizer_state_per_rank"]) == 8
+
+
+def test_bad_rank_is_one_line(capsys):
+    assert main(["--model", "tiny", "--optim", "galore", "--rank", "999", "--world-size", "1", "--vocab", "8192"]) == 2
+    assert "exceeds min(m, n)" in capsys.readouterr().err

@@ -1,0 +1,279 @@
+"""Per-GPU memory of a training run under our whole-matrix ownership sharding (DESIGN.md §5), before renting GPUs.
+
+    python tools/estimate_memory.py --model llama_1b --optim rgp8bit --rank 512 --world-size 8 --zero 2 --micro-batch 16
+    python tools/estimate_memory.py --model 60m --optim adamw --world-size 1 --zero 0 --micro-batch 32 --dtype fp32
+    python tools/estimate_memory.py --check      # estimate vs measured optimizer state (tiny and 60m, world size 1)
+
+Prints a table (one row per component, for the worst rank) and then one JSON line with every figure in bytes.
+
+Accounting, per rank, for the rank with the most (optimizer state + fp32 masters); names match the JSON keys:
+- weights: every rank holds the full model in --dtype (ownership sharding replicates weights, like ZeRO-1/2).
+- grads_backward: the full gradient in --dtype. Our ShardedOptimizer reduces gradients after the last
+  backward of the step (`sync_gradients`), not bucket by bucket during backward, so at ZeRO-2 as at ZeRO-1
+  every rank holds the full gradient at the end of backward. ZeRO-2 ("reduce to owner") frees the non-owned
+  gradients only after the sync: it lowers memory during the optimizer step, not the backward peak.
+- grads_step: gradients alive during the optimizer step. ZeRO 0/1 (all-reduce): non-owned grads in --dtype
+  stay until zero_grad, owned grads move to the fp32 masters (bf16) or stay in place (fp32). ZeRO-2: only
+  the owned grads (fp32 on masters for bf16, else --dtype).
+- optimizer_state: the owned share under the REAL plan (`optim.sharded.plan_ownership` on the model's
+  shapes), per parameter, by the state layout of optim/adam.py:
+    adamw:        2 x 4 x numel (exp_avg, exp_avg_sq in fp32)
+    adamw8bit:    numel >= 4096: 2 x numel uint8 codes + 2 x 4 x ceil(numel/256) absmax; else as adamw
+    galore/rgp:   projected 2-D weights (m, n): basis min(m,n) x r fp32 + moments of the projected gradient,
+                  2 x r x max(m,n) values, fp32 or (8bit variants) uint8 codes + absmax with the same
+                  4096-element rule; every other parameter (embeddings, lm_head, norms) as adamw / adamw8bit.
+                  (proj_type left/right: basis and moments follow the chosen side instead of min/max.)
+- masters: fp32 copies of the owned parameters when --dtype is bf16 (4 x owned numel), 0 for fp32.
+- comm_buffer: one fp32 bucket of the gradient collectives (optim.sharded.BUCKET_BYTES, or the model if smaller).
+- activations (ESTIMATE): saved-for-backward tensors of our model (model/llama.py) with SDPA, counted op by op,
+  b = activation bytes (2 for bf16, 4 for fp32), per token:
+    per layer:  dim x (8 + 9 b) + intermediate x 4 b
+                (each RMSNorm: its fp32 input copy 4 + its output b, and the norm's result b saved by the next
+                matmul; q, k, v after RoPE 3 b; the SDPA output and its reshaped copy for o_proj 2 b; MLP:
+                gate, silu(gate), up and their product 4 b x intermediate)
+    once:       dim x (b + 4 + 2 b) (embedding output, final norm) + vocab x (b + 4 + 4)
+                (the logits, the fp32 log-softmax saved by cross_entropy, and the fp32 logits gradient)
+  times micro_batch x seq_len tokens; with --attention math (no flash / memory-efficient kernel) add
+  2 b x heads x seq_len^2 per sequence per layer (scores and softmax). Allocator fragmentation, the CUDA
+  context (~0.5-1 GiB) and temporaries inside kernels are not counted.
+- peak: max(backward phase = weights + grads_backward + optimizer_state + masters + activations,
+            step phase = weights + grads_step + optimizer_state + masters + comm_buffer + the largest
+            single parameter's fp32 temporaries in the update, ~3 x 4 x numel).
+  The backward figure is an upper bound: activations are released layer by layer while gradients appear.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from config import OptimConfig  # noqa: E402
+from optim.adam import BLOCKSIZE, MIN_8BIT_SIZE  # noqa: E402
+from optim.projection import check_rank, choose_side  # noqa: E402
+from optim.sharded import BUCKET_BYTES, is_projected, plan_ownership  # noqa: E402
+
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
+
+
+# --------------------------------------------------------------------------------------------- shapes
+
+def model_dims(model: str, vocab: int, seq_len: int) -> dict:
+    """LlamaArgs fields of a named size (configs/models/llama_<size>.toml)."""
+    from model.llama import size_table
+    return {"vocab_size": vocab, "max_seq_len": seq_len, **size_table(model)}
+
+
+def param_shapes(dims: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, from a model built on the meta device (no memory, exact names)."""
+    import torch
+    from model.llama import Llama, LlamaArgs
+    with torch.device("meta"):
+        m = Llama(LlamaArgs(**dims))
+    return {n: tuple(p.shape) for n, p in m.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------- state bytes
+
+def numel_of(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def moment_bytes(numel: int, eight_bit: bool) -> int:
+    """Two Adam moments of `numel` values: fp32, or uint8 codes + one fp32 absmax per 256-value block each."""
+    if eight_bit and numel >= MIN_8BIT_SIZE:
+        return 2 * numel + 2 * 4 * math.ceil(numel / BLOCKSIZE)
+    return 2 * 4 * numel
+
+
+def state_bytes(name: str, shape, cfg) -> int:
+    """Optimizer state bytes of one parameter under `cfg` (an OptimConfig), as optim/adam.py lays it out."""
+    eight_bit = cfg.name.endswith("8bit")
+    if not is_projected(name, shape, cfg):
+        return moment_bytes(numel_of(shape), eight_bit)
+    m, n = int(shape[0]), int(shape[1])
+    check_rank((m, n), cfg.rank, name)           # the real optimizer refuses rank > min(m, n) too
+    side = choose_side((m, n), cfg.proj_type)    # "right": basis (n, r), moments (m, r); "left": (m, r), (r, n)
+    basis_rows, moment_cols = (n, m) if side == "right" else (m, n)
+    return 4 * basis_rows * cfg.rank + moment_bytes(cfg.rank * moment_cols, eight_bit)
+
+
+# --------------------------------------------------------------------------------------------- activations
+
+def activation_bytes(dims: dict, micro_batch: int, seq_len: int, b: int, attention: str = "flash") -> int:
+    """Saved-for-backward bytes of one micro-batch (the formula is in the module docstring). An ESTIMATE."""
+    dim, inter, layers, heads, vocab = (dims["dim"], dims["intermediate_size"], dims["n_layers"],
+                                        dims["n_heads"], dims["vocab_size"])
+    tokens = micro_batch * seq_len
+    per_layer = tokens * (dim * (8 + 9 * b) + inter * 4 * b)
+    if attention == "math":
+        per_layer += micro_batch * 2 * b * heads * seq_len ** 2
+    once = tokens * (dim * (b + 4 + 2 * b) + vocab * (b + 4 + 4))
+    return layers * per_layer + once
+
+
+# --------------------------------------------------------------------------------------------- estimate
+
+def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, world_size: int = 8, zero: int = 2,
+             micro_batch: int = 16, seq_len: int = 256, dtype: str = "bf16", vocab: int = 32000,
+             attention: str = "flash", proj_type: str = "std", oversampling: int = 2, power_iters: int = 0) -> dict:
+    """Per-rank memory figures in bytes (see the module docstring); pure apart from reading the size table."""
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optim!r}; use one of {', '.join(OPTIMIZERS)}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
+    if zero not in (0, 1, 2):
+        raise ValueError(f"--zero must be 0, 1 or 2 (ownership sharding keeps full weights: no stage 3), got {zero}")
+    b = DTYPE_BYTES[dtype]
+    cfg = OptimConfig(name=optim, rank=rank, proj_type=proj_type, oversampling=oversampling, power_iters=power_iters)
+    dims = model_dims(model, vocab, seq_len)
+    shapes = param_shapes(dims)
+    plan = plan_ownership(shapes, world_size, cfg)
+    per_rank = []
+    for r in range(world_size):
+        owned = [n for n in shapes if plan[n] == r]
+        owned_numel = sum(numel_of(shapes[n]) for n in owned)
+        per_rank.append({"rank": r, "params": len(owned), "owned_numel": owned_numel,
+                         "optimizer_state": sum(state_bytes(n, shapes[n], cfg) for n in owned),
+                         "masters": 4 * owned_numel if dtype == "bf16" else 0,
+                         "largest_owned": max((numel_of(shapes[n]) for n in owned), default=0)})
+    worst = max(per_rank, key=lambda x: (x["optimizer_state"] + x["masters"], -x["rank"]))
+    total_numel = sum(numel_of(s) for s in shapes.values())
+    owned_grad_b = 4 if dtype == "bf16" else b         # owned grads live on the fp32 masters under bf16
+    if zero == 2:
+        grads_step = worst["owned_numel"] * owned_grad_b
+    else:
+        grads_step = (total_numel - worst["owned_numel"]) * b + worst["owned_numel"] * owned_grad_b
+    out = {
+        "model": model, "optim": optim, "rank": rank, "world_size": world_size, "zero": zero,
+        "micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "vocab": vocab, "attention": attention,
+        "params": total_numel, "worst_rank": worst["rank"],
+        "weights": total_numel * b,
+        "grads_backward": total_numel * b,
+        "grads_step": grads_step,
+        "optimizer_state": worst["optimizer_state"],
+        "masters": worst["masters"],
+        "comm_buffer": min(BUCKET_BYTES, total_numel * 4) if world_size > 1 else 0,
+        "activations_estimate": activation_bytes(dims, micro_batch, seq_len, b, attention),
+        "optimizer_state_per_rank": [x["optimizer_state"] for x in per_rank],
+        "optimizer_state_total": sum(x["optimizer_state"] for x in per_rank),
+    }
+    backward = (out["weights"] + out["grads_backward"] + out["optimizer_state"] + out["masters"]
+                + out["activations_estimate"])
+    step = (out["weights"] + grads_step + out["optimizer_state"] + out["masters"] + out["comm_buffer"]
+            + 3 * 4 * worst["largest_owned"])
+    out.update({"peak_backward": backward, "peak_step": step, "peak": max(backward, step)})
+    return out
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def table(est: dict) -> str:
+    rows = [("weights (full, every rank)", "weights"),
+            ("gradients during backward (full)", "grads_backward"),
+            (f"gradients during step (ZeRO-{est['zero']})", "grads_step"),
+            (f"optimizer state (rank {est['worst_rank']}, max)", "optimizer_state"),
+            ("fp32 master copies (owned)", "masters"),
+            ("gradient bucket (fp32)", "comm_buffer"),
+            ("activations (ESTIMATE)", "activations_estimate"),
+            ("peak, backward phase", "peak_backward"),
+            ("peak, optimizer step", "peak_step"),
+            ("PEAK per GPU", "peak")]
+    head = (f"{est['model']} ({est['params'] / 1e6:.1f}M params, vocab {est['vocab']}), {est['optim']}"
+            f"{' rank ' + str(est['rank']) if 'adamw' not in est['optim'] else ''}, world {est['world_size']}, "
+            f"ZeRO-{est['zero']}, micro-batch {est['micro_batch']} x {est['seq_len']}, {est['dtype']}")
+    width = max(len(r[0]) for r in rows)
+    lines = [head, "-" * len(head)]
+    lines += [f"{label:<{width}}  {human(est[key]):>12}" for label, key in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- measurement
+
+def measured_state_bytes(model: str, optim: str, rank: int, vocab: int, seq_len: int = 64, seed: int = 0) -> int:
+    """Bytes of every state tensor of the real optimizer (optim.build_optimizer) after one step with random
+    gradients on a real fp32 model, world size 1."""
+    import torch
+    import optim as optim_pkg
+    from model.llama import Llama, LlamaArgs
+    torch.manual_seed(seed)
+    net = Llama(LlamaArgs(**model_dims(model, vocab, seq_len)))
+    cfg = OptimConfig(name=optim, rank=rank, lr=0.0)
+    opt = optim_pkg.build_optimizer(net.named_parameters(), cfg)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+    def nbytes(obj) -> int:
+        if torch.is_tensor(obj):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(nbytes(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(nbytes(v) for v in obj)
+        return 0
+    return nbytes(list(opt.state.values()))
+
+
+CHECKS = [("tiny", 8192, 32), ("60m", 32000, 128)]
+
+
+def check(print_fn=print) -> bool:
+    """Estimate vs measured optimizer state, world size 1 fp32, every optimizer, tiny and 60m."""
+    ok = True
+    print_fn(f"{'model':<6} {'optimizer':<11} {'rank':>4} {'estimate':>14} {'measured':>14} {'diff':>8}")
+    for model, vocab, rank in CHECKS:
+        for name in OPTIMIZERS:
+            est = estimate(model=model, optim=name, rank=rank, world_size=1, zero=0, micro_batch=1, seq_len=64,
+                           dtype="fp32", vocab=vocab)["optimizer_state"]
+            got = measured_state_bytes(model, name, rank, vocab)
+            diff = (est - got) / got
+            ok &= abs(diff) <= 0.02
+            print_fn(f"{model:<6} {name:<11} {rank:>4} {est:>14,d} {got:>14,d} {100 * diff:>7.2f}%")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama_1b", help="a size in configs/models: tiny, 60m, 130m, 350m, 1b, 7b")
+    ap.add_argument("--optim", default="rgp8bit", choices=OPTIMIZERS)
+    ap.add_argument("--rank", type=int, default=512, help="projection rank (galore/rgp)")
+    ap.add_argument("--world-size", type=int, default=8)
+    ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2))
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--attention", default="flash", choices=("flash", "math"),
+                    help="math: no fused SDPA kernel, the attention matrix is materialised")
+    ap.add_argument("--proj-type", default="std", choices=("std", "left", "right"))
+    ap.add_argument("--check", action="store_true", help="compare the state estimate with the real optimizer")
+    args = ap.parse_args(argv)
+    if args.check:
+        return 0 if check() else 1
+    try:
+        est = estimate(model=args.model, optim=args.optim, rank=args.rank, world_size=args.world_size,
+                       zero=args.zero, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
+                       vocab=args.vocab, attention=args.attention, proj_type=args.proj_type)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(est))
+    print(json.dumps(est))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
