@@ -1,0 +1,89 @@
+"""tools/check_checkpoint.py on a real checkpoint from a 2-step in-process training run, intact and damaged."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.check_checkpoint import check_checkpoint, main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def small_run(corpus_dir, spm_path, out_dir, *extra):
+    """The args of tests/test_train.py::small_run (a ~0.6M-parameter run), copied so the tool tests stand alone."""
+    return ["--config", str(REPO / "configs/runs/tiny_cpu.toml"),
+            f"--data.path={corpus_dir}", f"--data.tokenizer={spm_path}", "--data.seq_len=64",
+            "--data.val_tokens=2048", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=2",
+            "--model.intermediate_size=160", "--train.micro_batch=4", "--train.grad_accum=2",
+            "--train.max_steps=8", "--train.eval_every=4", "--train.save_every=4", "--log.log_every=1",
+            "--log.progress=false", f"--train.out_dir={out_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus_dir, spm_path, tmp_path_factory):
+    import train
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    args = small_run(corpus_dir, spm_path, out, "--optim.name=rgp", "--optim.rank=8", "--train.max_steps=2",
+                     "--train.save_every=1", "--train.eval_every=0")
+    assert train.main(args) == 0
+    return out
+
+
+@pytest.fixture
+def ckpt(run_dir, tmp_path):
+    """A private copy of the newest checkpoint, free to damage."""
+    dst = tmp_path / "step_00000002"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", dst)
+    return dst
+
+
+def failures(path) -> list[str]:
+    return [f"{name}: {detail}" for ok, name, detail in check_checkpoint(path) if not ok]
+
+
+def test_intact_checkpoint_passes(ckpt, capsys):
+    assert failures(ckpt) == []
+    assert main([str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "ok   model.pt" in out and "ok   optimizer" in out
+
+
+def test_run_dir_checks_every_checkpoint(run_dir, capsys):
+    assert main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "step_00000001:" in out and "step_00000002:" in out
+    assert f"newest good checkpoint: {run_dir / 'checkpoints' / 'step_00000002'}" in out
+
+
+def test_truncated_model_fails(ckpt, capsys):
+    data = (ckpt / "model.pt").read_bytes()
+    (ckpt / "model.pt").write_bytes(data[: len(data) // 2])
+    fails = failures(ckpt)
+    assert len(fails) == 1 and fails[0].startswith("model.pt: model.pt does not load")
+    assert main([str(ckpt)]) == 1
+    assert "FAIL model.pt" in capsys.readouterr().out
+
+
+def test_missing_optimizer_rank_file_fails(ckpt):
+    (ckpt / "optim_rank00000.pt").unlink()
+    assert failures(ckpt) == ["optimizer: optim_rank00000.pt is missing"]
+
+
+def test_missing_data_stream_fails(ckpt):
+    (ckpt / "data_stream003.pt").unlink()
+    assert failures(ckpt) == ["data streams: data_stream003.pt is missing"]
+
+
+def test_damaged_newest_reports_older_good_one(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "checkpoints" / "step_00000002" / "data_stream000.pt").unlink()
+    r = subprocess.run([sys.executable, "tools/check_checkpoint.py", str(run)], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"newest good checkpoint: {run / 'checkpoints' / 'step_00000001'}" in r.stdout
+    assert "FAIL data streams: data_stream000.pt is missing" in r.stdout

@@ -1,0 +1,205 @@
+"""Check that a checkpoint is complete and loadable, without starting a run (no process group, no data, no GPU).
+
+    python tools/check_checkpoint.py runs/tiny_rgp/checkpoints/step_00000100   # one checkpoint
+    python tools/check_checkpoint.py runs/tiny_rgp                             # every complete checkpoint of a run
+
+Checks, one printed line each (`ok` or `FAIL` + a one-line reason naming the file):
+  meta.json       parses; has step, config and model_args
+  model.pt        loads with torch.load(weights_only=True); its keys and shapes equal those of
+                  model.llama.Llama(LlamaArgs(**meta["model_args"])) built on the meta device
+  data streams    data_stream{s:03d}.pt exists and loads for every s in range(config["data"]["num_streams"])
+  optimizer       optim_manifest.json parses; every rank file it lists exists and loads; the manifest's plan
+                  names exactly the model's parameters; every parameter's state is in exactly one rank file
+                  (the one its owner wrote: optim/sharded.py)
+  rng states      rng_rank{r:05d}.pt exists and loads for every rank r < meta["world_size"]
+                  (missing ones still resume, but not bit-identically)
+Exit status 0 when every checked checkpoint passes, 1 otherwise. For a run directory the newest good
+checkpoint is reported, so `--train.resume=PATH` can skip a damaged newer one. `step_*.tmp` directories are
+interrupted writes (checkpoint.py writes atomically) and are listed, not checked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from checkpoint import STEP_DIR, complete_checkpoints  # noqa: E402
+
+Result = tuple[bool, str, str]  # (passed, check name, detail or reason)
+
+
+def _load(path: Path):
+    """torch.load(weights_only=True) -> (object, None) or (None, one-line reason naming the file)."""
+    if not path.is_file():
+        return None, f"{path.name} is missing"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as e:  # truncated zip, pickle of a non-allowlisted type, ...
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        return None, f"{path.name} does not load ({type(e).__name__}: {reason})"
+
+
+def check_meta(ckpt: Path) -> tuple[Result, dict | None]:
+    path = ckpt / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return (False, "meta.json", "meta.json is missing (an incomplete checkpoint)"), None
+    except (OSError, json.JSONDecodeError) as e:
+        return (False, "meta.json", f"meta.json does not parse ({type(e).__name__})"), None
+    missing = [k for k in ("step", "config", "model_args") if k not in meta]
+    if missing:
+        return (False, "meta.json", f"meta.json lacks {', '.join(missing)}"), None
+    return (True, "meta.json", f"step {meta['step']}, tokens {meta.get('tokens', '?')}, "
+                               f"world size {meta.get('world_size', '?')}"), meta
+
+
+def expected_shapes(model_args: dict) -> dict[str, tuple]:
+    """state_dict key -> shape of the model meta.json describes (meta device: no memory)."""
+    from model.llama import Llama, LlamaArgs
+    with torch.device("meta"):
+        model = Llama(LlamaArgs(**model_args))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_model(ckpt: Path, expected: dict[str, tuple]) -> Result:
+    state, err = _load(ckpt / "model.pt")
+    if err:
+        return False, "model.pt", err
+    if not isinstance(state, dict):
+        return False, "model.pt", f"model.pt holds a {type(state).__name__}, not a state_dict"
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has unexpected {extra[0]!r}"
+        return False, "model.pt", (f"model.pt {what} ({len(missing)} missing, {len(extra)} unexpected keys "
+                                   f"vs meta.json model_args)")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            return False, "model.pt", f"model.pt {k!r} has shape {tuple(state[k].shape)}, meta.json implies {shape}"
+    numel = sum(v.numel() for v in state.values())
+    return True, "model.pt", f"{len(state)} tensors, {numel / 1e6:.2f}M values, shapes match model_args"
+
+
+def check_data_streams(ckpt: Path, config: dict) -> Result:
+    n = config.get("data", {}).get("num_streams")
+    if not isinstance(n, int) or n < 1:
+        return False, "data streams", "meta.json config lacks data.num_streams"
+    for s in range(n):
+        _, err = _load(ckpt / f"data_stream{s:03d}.pt")
+        if err:
+            return False, "data streams", err
+    return True, "data streams", f"{n} data_stream*.pt files load"
+
+
+def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
+    mpath = ckpt / "optim_manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files, plan = manifest["files"], manifest["plan"]
+    except FileNotFoundError:
+        return False, "optimizer", "optim_manifest.json is missing"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        return False, "optimizer", f"optim_manifest.json is unreadable ({type(e).__name__})"
+    if set(plan) != param_names:
+        diff = sorted(set(plan) ^ param_names)
+        where = "the manifest" if diff[0] in plan else "the model"
+        return False, "optimizer", f"optim_manifest.json plan does not match the model: {diff[0]!r} is in {where} only"
+    seen: dict[str, str] = {}
+    for rank, fname in enumerate(files):
+        sd, err = _load(ckpt / fname)
+        if err:
+            return False, "optimizer", err
+        names = set(sd.get("state", {})) | set(sd.get("masters", {})) if isinstance(sd, dict) else set()
+        for n in sorted(names):
+            if n in seen:
+                return False, "optimizer", f"{n!r} has state in both {seen[n]} and {fname}"
+            if n not in param_names:
+                return False, "optimizer", f"{fname} holds state for {n!r}, which the model does not have"
+            if plan[n] != rank:
+                return False, "optimizer", f"{fname} holds {n!r}, which the manifest assigns to rank {plan[n]}"
+            seen[n] = fname
+    missing = sorted(param_names - set(seen))
+    if missing:
+        return False, "optimizer", (f"no rank file holds state for {missing[0]!r} "
+                                    f"({len(missing)} of {len(param_names)} parameters uncovered)")
+    return True, "optimizer", (f"{manifest.get('optimizer', '?')}: {len(files)} rank file(s) load, "
+                               f"{len(seen)} parameters covered once each")
+
+
+def check_rng(ckpt: Path, world_size) -> Result:
+    if not isinstance(world_size, int) or world_size < 1:
+        return False, "rng states", "meta.json lacks world_size"
+    for r in range(world_size):
+        _, err = _load(ckpt / f"rng_rank{r:05d}.pt")
+        if err:
+            return False, "rng states", err
+    return True, "rng states", f"{world_size} rng_rank*.pt files load"
+
+
+def check_checkpoint(ckpt: str | Path) -> list[Result]:
+    """Every check of one checkpoint directory; stops after meta.json if that fails (nothing else is knowable)."""
+    ckpt = Path(ckpt)
+    meta_result, meta = check_meta(ckpt)
+    results = [meta_result]
+    if meta is None:
+        return results
+    try:
+        expected = expected_shapes(meta["model_args"])
+    except (TypeError, ValueError) as e:
+        return results + [(False, "model.pt", f"meta.json model_args do not build a model ({e})")]
+    params = {k for k in expected}  # Llama's persistent state is exactly its parameters (rope tables are not saved)
+    results.append(check_model(ckpt, expected))
+    results.append(check_data_streams(ckpt, meta["config"]))
+    results.append(check_optimizer(ckpt, params))
+    results.append(check_rng(ckpt, meta.get("world_size")))
+    return results
+
+
+def checkpoints_of(path: Path) -> tuple[list[Path], list[Path]]:
+    """(checkpoints to check, interrupted .tmp dirs) for a checkpoint dir or a run dir."""
+    if (path / "meta.json").is_file() or STEP_DIR.match(path.name):
+        return [path], []
+    root = path / "checkpoints"
+    tmp = sorted(p for p in root.glob("step_*.tmp")) if root.is_dir() else []
+    return complete_checkpoints(path), tmp
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("path", help="a checkpoint directory (step_XXXXXXXX) or a run directory")
+    args = ap.parse_args(argv)
+    path = Path(args.path)
+    if not path.is_dir():
+        print(f"FAIL {path}: not a directory")
+        return 1
+    ckpts, tmp = checkpoints_of(path)
+    for t in tmp:
+        print(f"note {t}: interrupted write (.tmp), ignored by --train.resume=auto")
+    if not ckpts:
+        print(f"FAIL {path}: no complete checkpoint (no checkpoints/step_*/meta.json)")
+        return 1
+    good, all_ok = [], True
+    for ckpt in ckpts:
+        results = check_checkpoint(ckpt)
+        print(f"{ckpt}:")
+        for ok, name, detail in results:
+            print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
+        if all(ok for ok, _, _ in results):
+            good.append(ckpt)
+        else:
+            all_ok = False
+    if len(ckpts) > 1 or not all_ok:
+        print(f"newest good checkpoint: {good[-1]}" if good else "no good checkpoint")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
