@@ -1,37 +1,44 @@
 """Run the sharded optimizer under `deepspeed.initialize` with an ordinary ds_config.
 
-What DeepSpeed does and does not do here (read from deepspeed 0.19.8 `runtime/engine.py`, checked by
-tests/distributed):
-- We honour the user's stage 1 / 2 by *our* whole-matrix ownership (stage 1 -> grad_mode "allreduce",
-  stage 2 -> "reduce") and hand DeepSpeed a config at stage 0, so it never flattens parameters into
-  1-D partitions. Stage 3, offload, fp16 and unknown optimizer sections are refused up front.
-- The engine runs without gradient clipping (`gradient_clipping` 0) and with
-  `enable_backward_allreduce = False`: our optimizer owns gradient communication and clips with the
-  global norm across owners. At stage 0, `engine.step()` calls `optimizer.step()` only at the
-  accumulation boundary, and calls nothing else first, so the wrapper is put in `sync_in_step` mode:
-  its `step()` does sync -> clip -> inner step -> broadcast. The norm is then `opt.last_grad_norm`
-  (also `engine.get_global_grad_norm()`).
-- Accumulation: `engine.backward(loss)` divides the loss by `gradient_accumulation_steps` and
-  `engine.step()` must be called after every micro-batch (it steps on the boundary only, then sets
-  every `param.grad = None`).
-- bf16: with `bf16.enabled` at stage 0 the engine wraps the client optimizer in `BF16_Optimizer` /
-  `FP16_UnfusedOptimizer`, which keep an fp32 clone of *every* parameter on every rank (and
-  `FP16_UnfusedOptimizer` steps once with zero gradients at construction). We instead cast the model to
-  bf16 ourselves and strip `bf16` from the engine's config; the sharded optimizer keeps fp32 masters
-  for owned parameters only. (Without bf16 in its config the engine leaves parameter dtypes alone.)
-- Checkpoints: `engine.save_checkpoint` would store `optimizer.state_dict()` from rank 0 only; use
-  `optim.sharded.save_optimizer_shards` / `load_optimizer_shards` and the module's own state_dict.
+    ds = read_deepspeed_config("configs/deepspeed/zero2.json", world_size)   # micro batch, accum, clip, bf16, stage
+    model.to(torch.bfloat16) if ds.bf16 else None                             # before building the optimizer
+    opt = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode)
+    engine = init_deepspeed(model, opt, ds)
+    each optimizer step:
+        for x, y in micro_batches:  loss = engine(x, y)[1]; engine.backward(loss)   # engine divides by accum
+        opt.sync_gradients(); norm = opt.clip_grad_norm_(ds.grad_clip)               # optional, see below
+        engine.step()                                                                 # -> opt.step() every call
+        opt.zero_grad()
 
-Trainer loop under DeepSpeed:
-    engine, settings = init_deepspeed(model, lambda mode: ShardedOptimizer(named, cfg.optim, grad_mode=mode), path)
-    for micro in range(settings["grad_accum"]):
-        loss = engine(x, y)[1]; engine.backward(loss); engine.step()
-    norm = opt.last_grad_norm
+What DeepSpeed does and does not do here (deepspeed 0.19.8 `runtime/engine.py`, checked by tests/distributed):
+- Stage. We honour the user's stage 1 / 2 with *our* whole-matrix ownership (stage 1 -> grad_mode
+  "allreduce", stage 2 -> "reduce") and hand DeepSpeed a config at stage 0, so it never flattens the
+  parameters into 1-D partitions. Stage 3, offload, fp16, `optimizer`/`scheduler` sections and an
+  inconsistent `train_batch_size` are refused up front with a one-line error.
+- Communication and clipping. The engine gets `gradient_clipping: 0` and `enable_backward_allreduce =
+  False`: the sharded optimizer owns gradient communication and clips with the global norm across owners.
+- Accumulation. `engine.backward(loss)` divides the loss by `gradient_accumulation_steps`. The engine's
+  config gets `managed_gradient_accumulation: false`, so *every* `engine.step()` is an accumulation
+  boundary: the trainer calls it once per optimizer step, after its micro-batches (in DeepSpeed's default
+  managed mode it would have to be called after every micro-batch and would count them). At stage 0 fp32,
+  `engine.step()` calls `optimizer.step()` and then sets every `param.grad = None`; nothing else.
+  Since the engine calls only `step()`, the wrapper runs in `sync_in_step` mode: if the trainer did not call
+  `sync_gradients()` / `clip_grad_norm_()` itself, `step()` does them (clip = the config's
+  `gradient_clipping`); if it did, they are not repeated. The norm is `opt.last_grad_norm`.
+- bf16. With `bf16.enabled` at stage 0 the engine wraps the client optimizer in `BF16_Optimizer` /
+  `FP16_UnfusedOptimizer`, which keep an fp32 clone of *every* parameter on every rank (and
+  `FP16_UnfusedOptimizer` steps once with all-zero gradients at construction: an SVD of zeros). Instead the
+  model is cast to bf16 before the optimizer is built (fp32 masters for owned parameters only) and `bf16` is
+  removed from the engine's config; without it the engine leaves parameter dtypes alone.
+- Checkpoints. `engine.save_checkpoint` writes `mp_rank_00_model_states.pt` with `optimizer.state_dict()`
+  of rank 0 only, i.e. half the optimizer state at 2 ranks: use `optim.sharded.save_optimizer_shards` /
+  `load_optimizer_shards` (checkpoint.py does) and the module's own state_dict.
 """
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,13 +50,27 @@ class DeepSpeedConfigError(ValueError):
     """A ds_config we cannot honour; the message is one line naming the fix."""
 
 
-def read_settings(ds_config) -> tuple[dict, dict]:
-    """(settings the trainer uses, the stage-0 config handed to deepspeed.initialize)."""
+@dataclass
+class DeepSpeedSettings:
+    micro_batch: int            # train_micro_batch_size_per_gpu
+    grad_accum: int             # gradient_accumulation_steps
+    grad_clip: float            # gradient_clipping (0: off)
+    bf16: bool                  # bf16.enabled
+    zero_stage: int             # zero_optimization.stage (0, 1 or 2), honoured by the sharded optimizer
+    grad_mode: str              # "allreduce" (stage 0/1) or "reduce" (stage 2)
+    engine_config: dict = field(default_factory=dict)   # what deepspeed.initialize gets (stage 0, no clip/bf16)
+
+
+def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeedSettings:
+    """Read a ds_config (path or dict); refuse what the sharded optimizer cannot honour."""
     if isinstance(ds_config, (str, Path)):
         path = Path(ds_config)
         if not path.is_file():
             raise DeepSpeedConfigError(f"DeepSpeed config {str(path)!r} not found; pass e.g. configs/deepspeed/zero2.json")
-        conf = json.loads(path.read_text())
+        try:
+            conf = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DeepSpeedConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {e}") from None
     else:
         conf = copy.deepcopy(ds_config)
     zero = conf.get("zero_optimization", {}) or {}
@@ -61,7 +82,7 @@ def read_settings(ds_config) -> tuple[dict, dict]:
         if zero.get(key) and (zero[key].get("device", "none") if isinstance(zero[key], dict) else zero[key]) != "none":
             raise DeepSpeedConfigError(f"zero_optimization.{key} is not supported by the sharded optimizer; remove it")
     if (conf.get("fp16") or {}).get("enabled"):
-        raise DeepSpeedConfigError("fp16 is not supported (needs loss scaling and fails on CPU); use bf16.enabled or fp32")
+        raise DeepSpeedConfigError("fp16 is not supported (needs loss scaling, and fails on CPU); use bf16.enabled or fp32")
     if conf.get("optimizer") or conf.get("scheduler"):
         raise DeepSpeedConfigError("remove the 'optimizer'/'scheduler' sections: the optimizer and LR schedule come "
                                    "from the run config (--optim.*, --train.*)")
@@ -71,46 +92,47 @@ def read_settings(ds_config) -> tuple[dict, dict]:
         raise DeepSpeedConfigError("DeepSpeed config needs an integer train_micro_batch_size_per_gpu >= 1")
     if not isinstance(accum, int) or accum < 1:
         raise DeepSpeedConfigError("gradient_accumulation_steps must be an integer >= 1")
-    settings = {"micro_batch": micro, "grad_accum": accum,
-                "grad_clip": float(conf.get("gradient_clipping", 0.0) or 0.0),
-                "bf16": bool((conf.get("bf16") or {}).get("enabled", False)),
-                "stage": stage, "grad_mode": STAGE_TO_MODE[stage]}
-    patched = {k: v for k, v in conf.items()
-               if k not in ("zero_optimization", "bf16", "gradient_clipping", "train_batch_size")}
-    patched["zero_optimization"] = {"stage": 0}
-    patched["gradient_clipping"] = 0.0
-    patched["train_micro_batch_size_per_gpu"] = micro
-    patched["gradient_accumulation_steps"] = accum
-    patched.setdefault("steps_per_print", 10**9)
-    patched.setdefault("wall_clock_breakdown", False)
-    return settings, patched
+    total = conf.get("train_batch_size")
+    if total is not None and world_size and total != micro * accum * world_size:
+        raise DeepSpeedConfigError(f"train_batch_size {total} != micro {micro} x accumulation {accum} x world "
+                                   f"{world_size}; drop train_batch_size or fix it")
+    engine_config = {k: v for k, v in conf.items()
+                     if k not in ("zero_optimization", "bf16", "gradient_clipping", "train_batch_size")}
+    engine_config.update({"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
+                          "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+                          "managed_gradient_accumulation": False})
+    engine_config.setdefault("steps_per_print", 10**9)
+    engine_config.setdefault("wall_clock_breakdown", False)
+    return DeepSpeedSettings(micro_batch=micro, grad_accum=accum,
+                             grad_clip=float(conf.get("gradient_clipping", 0.0) or 0.0),
+                             bf16=bool((conf.get("bf16") or {}).get("enabled", False)), zero_stage=stage,
+                             grad_mode=STAGE_TO_MODE[stage], engine_config=engine_config)
 
 
-def init_deepspeed(model: torch.nn.Module, make_optimizer, ds_config):
-    """deepspeed.initialize with our sharded optimizer. Returns (engine, settings).
+def init_deepspeed(model: torch.nn.Module, optimizer, ds) -> "deepspeed.DeepSpeedEngine":  # noqa: F821
+    """deepspeed.initialize(model, our ShardedOptimizer, stage-0 config). `ds`: DeepSpeedSettings or a path.
 
-    make_optimizer(grad_mode) -> ShardedOptimizer, called after the model is cast (bf16 configs), so
-    fp32 masters are taken from the weights the engine will train. (A ready ShardedOptimizer is
-    accepted too; its grad_mode is then overwritten from the stage.)
-    """
+    Build the optimizer after casting the model to bf16 (ds.bf16), so its fp32 masters exist."""
     import deepspeed
-    settings, patched = read_settings(ds_config)
+    if not isinstance(ds, DeepSpeedSettings):
+        ds = read_deepspeed_config(ds)
+    if ds.bf16 and any(p.dtype != torch.bfloat16 for p in model.parameters()):
+        raise DeepSpeedConfigError("bf16.enabled: cast the model with model.to(torch.bfloat16) before building the "
+                                   "ShardedOptimizer (it keeps the fp32 masters), then call init_deepspeed")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if settings["bf16"]:
-        model.to(torch.bfloat16)
-    if callable(make_optimizer) and not hasattr(make_optimizer, "sync_gradients"):
-        opt = make_optimizer(settings["grad_mode"])
-    else:
-        opt = make_optimizer
-        opt.grad_mode = settings["grad_mode"]
-    opt.sync_in_step = True
-    opt.clip_in_step = settings["grad_clip"]
-    # A callable is used as a factory by the engine (our wrapper is not a torch.optim.Optimizer).
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _params: opt, config=patched)
+    if torch.distributed.get_world_size(optimizer.group) != optimizer.world_size:
+        raise RuntimeError(f"the ShardedOptimizer was built for world size {optimizer.world_size} but "
+                           f"{torch.distributed.get_world_size(optimizer.group)} processes run; initialise "
+                           f"torch.distributed (deepspeed.init_distributed) before building it")
+    optimizer.grad_mode = ds.grad_mode
+    optimizer.sync_in_step = True
+    optimizer.clip_in_step = ds.grad_clip
+    # Our wrapper is not a torch.optim.Optimizer, so pass a factory; the engine calls it with the params.
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _params: optimizer,
+                                           config=ds.engine_config)
     engine.enable_backward_allreduce = False
-    if engine.optimizer is not opt:
+    if engine.optimizer is not optimizer:
         raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__}; "
                            f"expected it to use ShardedOptimizer directly at stage 0")
-    settings["optimizer"] = opt
-    return engine, settings
+    return engine

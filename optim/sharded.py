@@ -223,6 +223,7 @@ class ShardedOptimizer:
         self.last_grad_norm: torch.Tensor | None = None
         self._global_grad_norm = None
         self._synced = False
+        self._clipped = False
 
     # -- what torch.optim.Optimizer users expect ---------------------------------------------------
     @property
@@ -241,8 +242,14 @@ class ShardedOptimizer:
     # -- gradients ---------------------------------------------------------------------------------
     @torch.no_grad()
     def sync_gradients(self) -> None:
-        """Average gradients over ranks (all-reduce, or reduce to owners); fp32 grads land on masters."""
+        """Average gradients over ranks (all-reduce, or reduce to owners); fp32 grads land on masters.
+        Once per step: a second call before step()/zero_grad() does nothing."""
+        if self._synced:
+            return
         if not self.distributed:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
+                raise RuntimeError("this ShardedOptimizer was built before torch.distributed was initialised; "
+                                   "build it after init_process_group so it shards across the ranks")
             self._live = [n for n, p in self.named if p.grad is not None]
             self._grads_to_masters()
             self._synced = True
@@ -319,14 +326,17 @@ class ShardedOptimizer:
             torch.nn.utils.clip_grads_with_norm_([h for h in owned_grads], max_norm, total)
         self.last_grad_norm = total
         self._global_grad_norm = total
+        self._clipped = True
         return total
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        if self.sync_in_step:                       # DeepSpeed: engine.step() calls only this
-            self.sync_gradients()
-            self.clip_grad_norm_(self.clip_in_step)
+        if self.sync_in_step:                       # DeepSpeed: engine.step() may be all the trainer calls
+            if not self._synced:
+                self.sync_gradients()
+            if not self._clipped:
+                self.clip_grad_norm_(self.clip_in_step)
         if self.inner is not None:
             self.inner.step()
         for n, master in self.masters.items():
@@ -337,7 +347,7 @@ class ShardedOptimizer:
                 params = [p for n, p in self.named if self.plan[n] == owner]
                 for bucket in _buckets(params, lambda p: p.numel() * p.element_size()):
                     self._broadcast_bucket(bucket, owner)
-        self._synced = False
+        self._synced = self._clipped = False
 
     def _broadcast_bucket(self, params, owner):
         src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
@@ -362,7 +372,7 @@ class ShardedOptimizer:
                 p.grad.zero_()
         for m in self.masters.values():
             m.grad = None
-        self._synced = False
+        self._synced = self._clipped = False
 
     def refresh_masters(self) -> None:
         """Re-copy fp32 masters from the (possibly just loaded) low-precision weights."""

@@ -55,8 +55,10 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def train(model, opt, start: int, stop: int, rank: int = 0, world: int = 1, identical: bool = False,
-          accum: int = 1, engine=None, clip: float = CLIP):
-    """Optimizer steps start..stop-1. Rank r takes its 1/world of the global batch (all of it if identical)."""
+          accum: int = 1, engine=None, clip: float = CLIP, explicit_sync: bool = True):
+    """Optimizer steps start..stop-1. Rank r takes its 1/world of the global batch (all of it if identical).
+    With a DeepSpeed engine: engine.backward per micro-batch, then (explicit_sync) sync + clip, then one
+    engine.step() per optimizer step, as train.py does; explicit_sync=False leaves sync + clip to step()."""
     for step in range(start, stop):
         batch = global_batch(step)
         if not identical:
@@ -65,15 +67,17 @@ def train(model, opt, start: int, stop: int, rank: int = 0, world: int = 1, iden
             if engine is not None:
                 loss = engine(mb[:, :-1], mb[:, 1:])[1]
                 engine.backward(loss)
-                engine.step()
             else:
                 loss = model(mb[:, :-1], mb[:, 1:])[1]
                 (loss / accum).backward()
-        if engine is None:
+        if engine is None or explicit_sync:
             opt.sync_gradients()
             opt.clip_grad_norm_(clip)
+        if engine is None:
             opt.step()
-            opt.zero_grad()
+        else:
+            engine.step()
+        opt.zero_grad()
 
 
 def weights(model) -> dict:

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_common as C  # noqa: E402
 
 from model.llama import build_model  # noqa: E402
-from optim.deepspeed_glue import DeepSpeedConfigError, read_settings  # noqa: E402
+from optim.deepspeed_glue import DeepSpeedConfigError, read_deepspeed_config  # noqa: E402
 from optim.sharded import (ShardedOptimizer, load_optimizer_shards, param_cost, plan_ownership, plan_summary,  # noqa: E402
                            save_optimizer_shards)
 
@@ -109,16 +109,18 @@ def test_bf16_single_process_keeps_fp32_masters():
 
 
 def test_deepspeed_settings_and_refusals(tmp_path):
-    settings, patched = read_settings(C.REPO / "configs/deepspeed/zero2.json")
-    assert settings["grad_mode"] == "reduce" and settings["stage"] == 2
+    ds = read_deepspeed_config(C.REPO / "configs/deepspeed/zero2.json", 2)
+    assert ds.grad_mode == "reduce" and ds.zero_stage == 2 and ds.grad_clip == 1.0 and ds.micro_batch == 8
+    patched = ds.engine_config
     assert patched["zero_optimization"] == {"stage": 0} and patched["gradient_clipping"] == 0.0
-    assert "bf16" not in patched
-    assert read_settings(C.REPO / "configs/deepspeed/zero1.json")[0]["grad_mode"] == "allreduce"
+    assert "bf16" not in patched and patched["managed_gradient_accumulation"] is False
+    assert read_deepspeed_config(C.REPO / "configs/deepspeed/zero1.json").grad_mode == "allreduce"
     with pytest.raises(DeepSpeedConfigError, match="stage 3"):
-        read_settings(C.REPO / "configs/deepspeed/zero3.json")
+        read_deepspeed_config(C.REPO / "configs/deepspeed/zero3.json")
     base = {"train_micro_batch_size_per_gpu": 1}
     for bad, msg in [({"fp16": {"enabled": True}}, "fp16"),
                      ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
-                     ({"optimizer": {"type": "Adam"}}, "optimizer")]:
+                     ({"optimizer": {"type": "Adam"}}, "optimizer"),
+                     ({"train_batch_size": 3}, "train_batch_size")]:
         with pytest.raises(DeepSpeedConfigError, match=msg):
-            read_settings({**base, **bad})
+            read_deepspeed_config({**base, **bad}, 2)

@@ -16,7 +16,7 @@ import _dist_common as C  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from optim.deepspeed_glue import DeepSpeedConfigError, init_deepspeed  # noqa: E402
+from optim.deepspeed_glue import DeepSpeedConfigError, init_deepspeed, read_deepspeed_config  # noqa: E402
 from optim.sharded import ShardedOptimizer  # noqa: E402
 
 ACCUM = 2
@@ -35,28 +35,27 @@ def main(out: Path, names: list[str]):
     args = [a for a in sys.argv if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
     del args
     torch.set_num_threads(1)
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")   # before any ShardedOptimizer is built
     build = C.builder()
     res = {}
     for name in names:
         for stage in (1, 2):
             model = C.tiny_model()
-            made = {}
-
-            def make(mode, model=model, name=name):
-                made["opt"] = ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), build_inner=build,
-                                               grad_mode=mode)
-                return made["opt"]
+            ds = read_deepspeed_config(ds_config(out, stage), 2)
+            opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), build_inner=build,
+                                   grad_mode=ds.grad_mode)
             t0 = time.time()
-            engine, settings = init_deepspeed(model, make, ds_config(out, stage))
+            engine = init_deepspeed(model, opt, ds)
             print(f"[rank {dist.get_rank()}] {name} zero{stage} init {time.time() - t0:.1f}s", flush=True)
-            opt = made["opt"]
             calls = []
             inner_step = opt.inner.step if opt.inner is not None else (lambda: None)
             if opt.inner is not None:
                 opt.inner.step = lambda *a, **k: (calls.append(1), inner_step())[1]
             rank, world = dist.get_rank(), dist.get_world_size()
             t0 = time.time()
-            C.train(model, opt, 0, C.STEPS, rank, world, accum=ACCUM, engine=engine)
+            # stage 1: the trainer syncs and clips itself; stage 2: it calls engine.step() only
+            C.train(model, opt, 0, C.STEPS, rank, world, accum=ACCUM, engine=engine, explicit_sync=stage == 1)
             print(f"[rank {rank}] train {time.time() - t0:.1f}s", flush=True)
             key = f"{name}/zero{stage}"
             res[key] = C.weights(model)
@@ -73,24 +72,25 @@ def main(out: Path, names: list[str]):
     conf["bf16"] = {"enabled": True}
     path = out / f"bf16_rank{os.environ.get('RANK', '0')}.json"
     path.write_text(json.dumps(conf))
-    model = C.tiny_model()
-    made = {}
-    engine, settings = init_deepspeed(
-        model, lambda mode: made.setdefault("opt", ShardedOptimizer(list(model.named_parameters()), C.make_cfg(names[0]),
-                                                                     build_inner=build, grad_mode=mode)), path)
+    ds = read_deepspeed_config(path, 2)
+    model = C.tiny_model(dtype=torch.bfloat16 if ds.bf16 else torch.float32)
+    made = {"opt": ShardedOptimizer(list(model.named_parameters()), C.make_cfg(names[0]), build_inner=build,
+                                    grad_mode=ds.grad_mode)}
+    engine = init_deepspeed(model, made["opt"], ds)
     C.train(model, made["opt"], 0, 2, dist.get_rank(), dist.get_world_size(), accum=ACCUM, engine=engine)
     res["bf16/engine_optimizer"] = type(engine.optimizer).__name__
     res["bf16/param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     res["bf16/master_dtypes"] = sorted({str(m.dtype) for m in made["opt"].masters.values()})
     res["bf16/masters_owned"] = len(made["opt"].masters) == len(made["opt"].owned)
     res["bf16/agree"] = C.ranks_agree(model)
-    res["bf16/settings"] = {k: v for k, v in settings.items() if k != "optimizer"}
+    res["bf16/settings"] = {"bf16": ds.bf16, "grad_accum": ds.grad_accum, "micro_batch": ds.micro_batch,
+                            "grad_clip": ds.grad_clip, "zero_stage": ds.zero_stage}
     # what engine.save_checkpoint writes with our optimizer at stage 0
     engine.save_checkpoint(str(out / "dsckpt"), tag="t")
     dist.barrier()
     res["ds_checkpoint_files"] = sorted(p.name for p in (out / "dsckpt" / "t").iterdir())
     try:
-        init_deepspeed(C.tiny_model(), lambda mode: None, ds_config(out, 3))
+        init_deepspeed(C.tiny_model(), None, ds_config(out, 3))
         res["zero3"] = "accepted"
     except DeepSpeedConfigError as e:
         res["zero3"] = str(e)
