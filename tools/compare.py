@@ -141,11 +141,14 @@ def plot(runs: list[tuple[str, list[dict]]], x: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_ppl, ax_loss) = plt.subplots(1, 2, figsize=(13, 5))
-    for label, records in runs:
+    for i, (label, records) in enumerate(runs):
+        color = f"C{i % 10}"  # the same colour for a run in both panels, even when one panel has no data yet
         xs, ys = series(eval_records(records), x, "eval_ppl")
-        ax_ppl.plot(xs, ys, marker="o", markersize=3, label=label)
+        ax_ppl.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
         xs, ys = series(train_records(records), x, "loss")
-        ax_loss.plot(xs, ys, linewidth=1, label=label)
+        # a run that has logged one step so far would be an invisible zero-length line without a marker
+        ax_loss.plot(xs, ys, linewidth=1, color=color, marker="o" if len(xs) == 1 else None, markersize=3,
+                     label=label)
     for ax, title in ((ax_ppl, "validation perplexity"), (ax_loss, "training loss")):
         ax.set_yscale("log")
         ax.set_xlabel(X_LABELS[x])
