@@ -5,6 +5,7 @@
 Names: adamw, adamw8bit, galore, galore8bit, rgp, rgp8bit (see optim/adam.py for the exact update rules and
 optim/projection.py for the projection math).  Param groups carry "names" parallel to "params".  All groups
 share cfg.lr; the train loop sets group["lr"] = cfg.lr * schedule_multiplier on every group each step.
+Layer-wise mode (cfg.layerwise): `LayerwiseStepper(optimizer)` from optim/layerwise.py (no global clipping).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Iterable
 import torch
 
 from optim.adam import OPTIMIZERS, LowRankAdamW, is_projected, make_groups
+from optim.layerwise import LayerwiseStepper
 from optim.projection import PROJ_TYPES
 
-__all__ = ["OPTIMIZERS", "LowRankAdamW", "build_optimizer", "is_projected", "validate_optim_config"]
+__all__ = ["OPTIMIZERS", "LayerwiseStepper", "LowRankAdamW", "build_optimizer", "is_projected", "validate_optim_config"]
 
 
 def validate_optim_config(cfg) -> None:
