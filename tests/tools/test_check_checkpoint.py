@@ -78,12 +78,27 @@ def test_missing_data_stream_fails(ckpt):
     assert failures(ckpt) == ["data streams: data_stream003.pt is missing"]
 
 
-def test_damaged_newest_reports_older_good_one(run_dir, tmp_path):
+def test_damaged_newest_reports_older_good_one(run_dir, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "checkpoints" / "step_00000002" / "data_stream000.pt").unlink()
-    r = subprocess.run([sys.executable, "tools/check_checkpoint.py", str(run)], cwd=REPO,
+    assert main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert f"newest good checkpoint: {run / 'checkpoints' / 'step_00000001'}" in out
+    assert "FAIL data streams: data_stream000.pt is missing" in out
+
+
+def test_cli_runs_from_repo_root(ckpt):
+    r = subprocess.run([sys.executable, "tools/check_checkpoint.py", str(ckpt)], cwd=REPO,
                        capture_output=True, text=True)
-    assert r.returncode == 1
-    assert f"newest good checkpoint: {run / 'checkpoints' / 'step_00000001'}" in r.stdout
-    assert "FAIL data streams: data_stream000.pt is missing" in r.stdout
+    assert r.returncode == 0 and "FAIL" not in r.stdout
+
+
+def test_compare_reads_the_real_run(run_dir, tmp_path):
+    """tools/compare.py on the trainer's own metrics.jsonl / config.toml (the format the synthetic runs mimic)."""
+    from tools.compare import compare, summarize
+    from tools.runs import read_metrics
+    s = summarize(read_metrics(run_dir))
+    assert s["last_step"] == 2 and s["tokens"] == 2 * 8 * 64 and s["optim_state_bytes"] > 0
+    table, png = compare([run_dir], out=tmp_path / "real.png")
+    assert png.is_file() and table.splitlines()[2].startswith("| run | - | - | 1.02k |")  # one run: dir name; no eval
