@@ -9,8 +9,8 @@ Checks, one printed line each (`ok` or `FAIL` + a one-line reason naming the fil
                   model.llama.Llama(LlamaArgs(**meta["model_args"])) built on the meta device
   data streams    data_stream{s:03d}.pt exists and loads for every s in range(config["data"]["num_streams"])
   optimizer       optim_manifest.json parses; every rank file it lists exists and loads; the manifest's plan
-                  names exactly the model's parameters; every parameter's state is in exactly one rank file
-                  (the one its owner wrote: optim/sharded.py)
+                  names exactly the model's parameters; every parameter is listed (param_groups) in exactly one
+                  rank file, the one of the rank the plan names (optim/sharded.py), and state only for those
   rng states      rng_rank{r:05d}.pt exists and loads for every rank r < meta["world_size"]
                   (missing ones still resume, but not bit-identically)
 Exit status 0 when every checked checkpoint passes, 1 otherwise. For a run directory the newest good
@@ -112,26 +112,37 @@ def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
         diff = sorted(set(plan) ^ param_names)
         where = "the manifest" if diff[0] in plan else "the model"
         return False, "optimizer", f"optim_manifest.json plan does not match the model: {diff[0]!r} is in {where} only"
+    # A rank file lists the parameters its rank owns in param_groups (names, in optimizer order) and their
+    # state under "state"; a parameter that never had a finite gradient owns no state yet but is still listed.
     seen: dict[str, str] = {}
+    stateless = 0
     for rank, fname in enumerate(files):
         sd, err = _load(ckpt / fname)
         if err:
             return False, "optimizer", err
-        names = set(sd.get("state", {})) | set(sd.get("masters", {})) if isinstance(sd, dict) else set()
-        for n in sorted(names):
+        if not isinstance(sd, dict):
+            return False, "optimizer", f"{fname} holds a {type(sd).__name__}, not an optimizer state dict"
+        listed = [n for g in sd.get("param_groups", []) for n in g.get("params", [])]
+        state = set(sd.get("state", {})) | set(sd.get("masters", {}))
+        if not set(state) <= set(listed):
+            odd = sorted(set(state) - set(listed))[0]
+            return False, "optimizer", f"{fname} holds state for {odd!r} but does not list it in param_groups"
+        stateless += len(set(listed) - state)
+        for n in listed:
             if n in seen:
-                return False, "optimizer", f"{n!r} has state in both {seen[n]} and {fname}"
+                return False, "optimizer", f"{n!r} is in both {seen[n]} and {fname}"
             if n not in param_names:
-                return False, "optimizer", f"{fname} holds state for {n!r}, which the model does not have"
+                return False, "optimizer", f"{fname} holds {n!r}, which the model does not have"
             if plan[n] != rank:
                 return False, "optimizer", f"{fname} holds {n!r}, which the manifest assigns to rank {plan[n]}"
             seen[n] = fname
     missing = sorted(param_names - set(seen))
     if missing:
-        return False, "optimizer", (f"no rank file holds state for {missing[0]!r} "
+        return False, "optimizer", (f"no rank file holds {missing[0]!r} "
                                     f"({len(missing)} of {len(param_names)} parameters uncovered)")
+    note = f", {stateless} without state yet (no finite gradient so far)" if stateless else ""
     return True, "optimizer", (f"{manifest.get('optimizer', '?')}: {len(files)} rank file(s) load, "
-                               f"{len(seen)} parameters covered once each")
+                               f"{len(seen)} parameters covered once each{note}")
 
 
 def check_rng(ckpt: Path, world_size) -> Result:

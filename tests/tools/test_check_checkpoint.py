@@ -102,3 +102,37 @@ def test_compare_reads_the_real_run(run_dir, tmp_path):
     assert s["last_step"] == 2 and s["tokens"] == 2 * 8 * 64 and s["optim_state_bytes"] > 0
     table, png = compare([run_dir], out=tmp_path / "real.png")
     assert png.is_file() and table.splitlines()[2].startswith("| run | - | - | 1.02k |")  # one run: dir name; no eval
+
+
+def split_into_two_ranks(ckpt: Path, move: list[str]) -> None:
+    """Rewrite a 1-rank optimizer checkpoint as 2 rank files (as a 2-rank run writes them): `move` goes to rank 1."""
+    import json
+
+    import torch
+    sd = torch.load(ckpt / "optim_rank00000.pt", weights_only=True)
+    manifest = json.loads((ckpt / "optim_manifest.json").read_text())
+    plan = {n: (1 if n in move else 0) for n in manifest["plan"]}
+
+    def part(rank):
+        return {**sd, "rank": rank, "world_size": 2, "plan": plan,
+                "state": {n: v for n, v in sd["state"].items() if plan[n] == rank},
+                "param_groups": [{**g, "params": [n for n in g["params"] if plan[n] == rank]}
+                                 for g in sd["param_groups"]]}
+    torch.save(part(0), ckpt / "optim_rank00000.pt")
+    torch.save(part(1), ckpt / "optim_rank00001.pt")
+    manifest.update(world_size=2, plan=plan, files=["optim_rank00000.pt", "optim_rank00001.pt"])
+    (ckpt / "optim_manifest.json").write_text(json.dumps(manifest))
+
+
+def test_two_rank_files_cover_each_parameter_once(ckpt):
+    split_into_two_ranks(ckpt, ["lm_head.weight", "layers.0.mlp.up_proj.weight"])
+    assert failures(ckpt) == []
+    # the plan says rank 1 owns lm_head, but rank 0's file claims it as well
+    import json
+    manifest = json.loads((ckpt / "optim_manifest.json").read_text())
+    manifest["plan"]["lm_head.weight"] = 0
+    (ckpt / "optim_manifest.json").write_text(json.dumps(manifest))
+    assert failures(ckpt) == ["optimizer: optim_rank00001.pt holds 'lm_head.weight', "
+                              "which the manifest assigns to rank 0"]
+    (ckpt / "optim_rank00001.pt").unlink()
+    assert failures(ckpt) == ["optimizer: optim_rank00001.pt is missing"]
