@@ -143,6 +143,16 @@ def peak_memory_bytes(device) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; the signal handlers installed for preemption are removed again on return (tests call main)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(argv: list[str] | None) -> int:
     cfg = parse_args(argv)
     t, d = cfg.train, cfg.data
     rank, world, device = setup_distributed(t.device)
@@ -202,16 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"checkpoint {ckpt} was trained with model {meta['model_args']}; "
                                   f"resume with the run's own --model.* settings")
         step, tokens, elapsed_before = meta["step"], meta["tokens"], meta["elapsed_s"]
+    # SIGTERM / SIGUSR1 (SLURM's warning): checkpoint at the next step boundary, then exit for requeue.
+    preempt = {"flag": 0.0}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: preempt.__setitem__("flag", 1.0))
     log = RunLog(cfg, out_dir, rank, step)
     if rank == 0:
         print(f"model {cfg.model.size}: {model.num_params() / 1e6:.2f}M params | optimizer {cfg.optim.name} | "
               f"world {world} | global batch {global_batch} x {d.seq_len} tokens | device {device} {dtype} | "
               f"{'resumed from ' + str(ckpt) if ckpt else 'fresh start'}", flush=True)
-
-    # SIGTERM / SIGUSR1 (SLURM's warning): checkpoint at the next step boundary, then exit for requeue.
-    preempt = {"flag": 0.0}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: preempt.__setitem__("flag", 1.0))
 
     def save(step_now: int) -> None:
         meta = {"step": step_now, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t0,
@@ -247,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         loss_mean /= world
         if bad:
             if not t.skip_nonfinite:
-                raise RunError(f"loss became {loss_mean} at step {step}; the last good checkpoint is untouched "
+                raise RunError(f"loss became {loss_mean} at step {step + 1}; the last good checkpoint is untouched "
                                f"(lower --optim.lr, or pass --train.skip_nonfinite=true to skip such steps)")
             optimizer.zero_grad(set_to_none=True)
-            log.log({"step": step, "skipped_nonfinite": True, "loss": loss_mean})
+            log.log({"step": step + 1, "skipped_nonfinite": True, "loss": loss_mean})
             step += 1
             tokens += tokens_per_step
             continue
