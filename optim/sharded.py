@@ -29,9 +29,15 @@ Under DeepSpeed the engine runs at stage 0 with its own gradient all-reduce swit
 (`optim/deepspeed_glue.py`); this object is its client optimizer and does the communication.
 Without DeepSpeed the trainer calls it directly; at world size 1 it is a pass-through.
 
-Per step (plain torchrun, and world size 1):
-    loss.backward() for each micro-batch (loss scaled by 1/grad_accum)
-    opt.sync_gradients(); norm = opt.clip_grad_norm_(max_norm); opt.step(); opt.zero_grad()
+Per optimizer step (build the wrapper after torch.distributed is initialised; always wrap, also at 1 rank):
+    plain torchrun / one process:
+        (loss / grad_accum).backward() for each micro-batch
+        opt.sync_gradients(); norm = opt.clip_grad_norm_(max_norm); opt.step(); opt.zero_grad()
+    DeepSpeed (engine from optim.deepspeed_glue.init_deepspeed):
+        engine.backward(loss) for each micro-batch      (the engine divides by gradient_accumulation_steps)
+        opt.sync_gradients(); norm = opt.clip_grad_norm_(ds.grad_clip)   (else engine.step() does both)
+        engine.step(); opt.zero_grad()                  (engine.step() -> opt.step(), once per call)
+    LR: set group["lr"] on every entry of opt.param_groups.
 Checkpoints: `save_optimizer_shards(opt, dir)` / `load_optimizer_shards(opt, dir)` on every rank;
 the state is keyed by parameter name, so a run resumes on a different number of ranks.
 """

@@ -67,9 +67,17 @@ def reference(one_thread):
     return {name: C.weights(single(name)[0]) for name in NAMES}
 
 
+FULL_BATCH_NORMS = {}   # the pre-clip gradient norm of the last step, per optimizer
+
+
 @pytest.fixture(scope="module")
 def full_batch_reference(one_thread):
-    return {name: C.weights(single(name, accum=1)[0]) for name in NAMES}
+    out = {}
+    for name in NAMES:
+        model, opt = single(name, accum=1)
+        out[name] = C.weights(model)
+        FULL_BATCH_NORMS[name] = float(opt.last_grad_norm)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +196,8 @@ def test_deepspeed_matches_single_process(deepspeed_results, full_batch_referenc
     assert res[key + "/inner_steps"] == C.STEPS          # one optimizer step per accumulation boundary
     assert res[key + "/agree"]
     assert_close(res[key], full_batch_reference[name], name)
+    # the engine divided each micro-batch loss by gradient_accumulation_steps: same pre-clip norm
+    assert abs(res[key + "/grad_norm"] - FULL_BATCH_NORMS[name]) <= 1e-3 * FULL_BATCH_NORMS[name]
 
 
 def test_deepspeed_refuses_zero3(deepspeed_results):
