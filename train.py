@@ -186,8 +186,8 @@ def run(argv: list[str] | None) -> int:
                         dim=cfg.model.dim, n_layers=cfg.model.n_layers, n_heads=cfg.model.n_heads,
                         intermediate_size=cfg.model.intermediate_size, norm_eps=cfg.model.norm_eps,
                         rope_theta=cfg.model.rope_theta).to(device=device, dtype=dtype)
-    grad_mode = "reduce" if ds is not None and ds.zero_stage == 2 else "allreduce"
-    optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=grad_mode)
+    # ZeRO-1 semantics (all-reduce every gradient) unless a DeepSpeed stage-2 config asks for reduce-to-owner
+    optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode if ds else "allreduce")
     stepper = None
     if cfg.optim.layerwise:  # step each parameter in its backward hook (optim/layerwise.py)
         if world > 1 or ds is not None or dtype != torch.float32 or t.grad_clip > 0:
