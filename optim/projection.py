@@ -93,8 +93,10 @@ def randomized_range(a: torch.Tensor, rank: int, oversampling: int, power_iters:
         z = _orthonormal(a.t() @ q)                           # (N, k)
         q = _orthonormal(a @ z)                               # (M, k)
     b = q.t() @ a                                             # (k, N)
-    ub, _s, _vh = torch.linalg.svd(b, full_matrices=False)    # ub (k, k)
-    u = q @ ub[:, :rank]                                      # (M, r)
+    # SVD of the tall b^T = V S U^T instead of the wide b: same factors, but LAPACK (MKL) took 11 s for a
+    # 514 x 5461 b here against 0.6 s for its transpose.
+    _vb, _s, ub_t = torch.linalg.svd(b.t(), full_matrices=False)  # ub_t (k, k) = U^T
+    u = q @ ub_t[:rank].t()                                   # (M, r)
     return _orthonormal(u)                                    # re-orthonormalise against rounding
 
 
