@@ -159,6 +159,11 @@ def load_toml(cfg: Config, path: str | Path) -> None:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    _apply(cfg, data)
+
+
+def _apply(cfg: Config, data: dict[str, Any]) -> None:
+    """Set every key of a {section: {key: value}} mapping (a TOML recipe or `to_dict()` output)."""
     for name, body in data.items():
         if isinstance(body, dict):
             for key, value in body.items():
@@ -170,12 +175,7 @@ def load_toml(cfg: Config, path: str | Path) -> None:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from `to_dict()` output (a checkpoint's or a run directory's config)."""
     cfg = Config()
-    for name, body in data.items():
-        if isinstance(body, dict):
-            for key, value in body.items():
-                _set(cfg, f"{name}.{key}", value)
-        else:
-            _set(cfg, name, body)
+    _apply(cfg, data)
     return cfg
 
 

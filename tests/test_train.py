@@ -1,5 +1,4 @@
 """End-to-end trainer tests on the local corpus with a very small LLaMA (CPU, seconds per run)."""
-import gzip
 import json
 import math
 import shutil
@@ -15,18 +14,9 @@ import train
 from checkpoint import CheckpointError, complete_checkpoints
 from config import ConfigError
 from data.c4 import DataError
+from tests.helpers import small_run
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def small_run(corpus_dir, spm_path, out_dir, *extra):
-    """CLI args of a ~0.6M-parameter run: 2 layers of width 64 on 64-token sequences."""
-    return ["--config", str(REPO / "configs/runs/tiny_cpu.toml"),
-            f"--data.path={corpus_dir}", f"--data.tokenizer={spm_path}", "--data.seq_len=64",
-            "--data.val_tokens=2048", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=2",
-            "--model.intermediate_size=160", "--train.micro_batch=4", "--train.grad_accum=2",
-            "--train.max_steps=8", "--train.eval_every=4", "--train.save_every=4", "--log.log_every=1",
-            "--log.progress=false", f"--train.out_dir={out_dir}", *extra]
 
 
 def metrics(out_dir):

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from checkpoint import complete_checkpoints
+from tests.helpers import small_run
 
 REPO = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from test_train import small_run  # noqa: E402
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 

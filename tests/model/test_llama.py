@@ -9,28 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from model.llama import Llama, LlamaArgs, available_sizes, build_model, size_table
+from tools.export_hf import hf_config
 
 transformers = pytest.importorskip("transformers")
 
 ARGS = LlamaArgs(vocab_size=97, dim=32, n_layers=2, n_heads=4, intermediate_size=56, max_seq_len=16)
-
-
-def hf_config(args: LlamaArgs):
-    return transformers.LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.intermediate_size,
-        num_attention_heads=args.n_heads,
-        num_hidden_layers=args.n_layers,
-        num_key_value_heads=args.n_heads,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-        max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-    )
 
 
 def hf_name(name: str) -> str:

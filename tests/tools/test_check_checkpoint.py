@@ -8,19 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import small_run
 from tools.check_checkpoint import check_checkpoint, main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def small_run(corpus_dir, spm_path, out_dir, *extra):
-    """The args of tests/test_train.py::small_run (a ~0.6M-parameter run), copied so the tool tests stand alone."""
-    return ["--config", str(REPO / "configs/runs/tiny_cpu.toml"),
-            f"--data.path={corpus_dir}", f"--data.tokenizer={spm_path}", "--data.seq_len=64",
-            "--data.val_tokens=2048", "--model.dim=64", "--model.n_layers=2", "--model.n_heads=2",
-            "--model.intermediate_size=160", "--train.micro_batch=4", "--train.grad_accum=2",
-            "--train.max_steps=8", "--train.eval_every=4", "--train.save_every=4", "--log.log_every=1",
-            "--log.progress=false", f"--train.out_dir={out_dir}", *extra]
 
 
 @pytest.fixture(scope="module")
