@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -104,7 +105,7 @@ class RunLog:
         if cfg.log.wandb:
             import wandb
             id_file = out_dir / "wandb_id.txt"  # one wandb run per run directory, continued on resume
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=cfg.log.wandb_project, id=run_id, resume="allow", dir=str(out_dir),
                                     mode=cfg.log.wandb_mode, config=cfg.to_dict(), name=out_dir.name)

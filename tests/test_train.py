@@ -169,3 +169,18 @@ def test_nonfinite_loss_stops_or_skips(corpus_dir, spm_path, tmp_path, monkeypat
     assert train.main(small_run(corpus_dir, spm_path, out2, "--train.eval_every=0", "--train.skip_nonfinite=true")) == 0
     skipped = [r for r in metrics(out2) if r.get("skipped_nonfinite")]
     assert [r["step"] for r in skipped] == [6]
+
+
+def test_wandb_offline_keeps_one_run_across_resume(corpus_dir, spm_path, tmp_path, monkeypatch):
+    """--log.wandb=true works with no network (offline) and a resumed run continues the same wandb run id."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    args = ["--log.wandb=true", "--train.eval_every=0", "--train.max_steps=4"]
+    assert train.main(small_run(corpus_dir, spm_path, out, *args, "--train.stop_at_step=2")) == 0
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    assert train.main(small_run(corpus_dir, spm_path, out, *args, "--train.resume=auto")) == 0
+    assert (out / "wandb_id.txt").read_text().strip() == run_id
+    offline_runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline_runs) == 2  # one directory per process start, both under the same run id
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
