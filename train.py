@@ -31,6 +31,7 @@ import torch.distributed as dist
 from checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
 from config import ConfigError, parse_args, to_toml
 from data.c4 import DataError, TrainBatches, is_hub, validation_set
+from data.corpus import CorpusError
 from data.tokenizer import TokenizerError, load_tokenizer
 from model import build_model
 from optim.schedule import lr_multiplier
@@ -311,6 +312,6 @@ def run(argv: list[str] | None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, TokenizerError, CheckpointError, RunError, ValueError) as e:
+    except (ConfigError, DataError, CorpusError, TokenizerError, CheckpointError, RunError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

