@@ -160,13 +160,14 @@ def _default_builder(named, cfg):
     return _optim.build_optimizer(named, cfg)
 
 
-def _tensor_bytes(obj) -> int:
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested dict/list of) optimizer state."""
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
+        return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
+        return sum(tensor_bytes(v) for v in obj)
     return 0
 
 
@@ -431,8 +432,8 @@ class ShardedOptimizer:
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer state tensors plus its fp32 master copies."""
-        inner = _tensor_bytes(list(self.inner.state.values())) if self.inner is not None else 0
-        return inner + sum(_tensor_bytes(m) for m in self.masters.values())
+        inner = tensor_bytes(list(self.inner.state.values())) if self.inner is not None else 0
+        return inner + sum(tensor_bytes(m) for m in self.masters.values())
 
     def __repr__(self):
         return (f"ShardedOptimizer(rank {self.rank}/{self.world_size}, {self.grad_mode}, "

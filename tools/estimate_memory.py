@@ -56,7 +56,7 @@ if str(REPO) not in sys.path:
 from config import OptimConfig  # noqa: E402
 from optim.adam import BLOCKSIZE, MIN_8BIT_SIZE  # noqa: E402
 from optim.projection import check_rank, choose_side  # noqa: E402
-from optim.sharded import BUCKET_BYTES, is_projected, plan_ownership  # noqa: E402
+from optim.sharded import BUCKET_BYTES, is_projected, plan_ownership, tensor_bytes  # noqa: E402
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
@@ -217,16 +217,7 @@ def measured_state_bytes(model: str, optim: str, rank: int, vocab: int, seq_len:
         # on this CPU than a full-rank Gaussian one (LAPACK's divide and conquer converges quickly).
         p.grad = (torch.randn(p.shape[0], 8) @ torch.randn(8, p.shape[1]) if p.dim() == 2 else torch.randn_like(p))
     opt.step()
-
-    def nbytes(obj) -> int:
-        if torch.is_tensor(obj):
-            return obj.numel() * obj.element_size()
-        if isinstance(obj, dict):
-            return sum(nbytes(v) for v in obj.values())
-        if isinstance(obj, (list, tuple)):
-            return sum(nbytes(v) for v in obj)
-        return 0
-    return nbytes(list(opt.state.values()))
+    return tensor_bytes(list(opt.state.values()))
 
 
 CHECKS = [("tiny", 8192, 32), ("60m", 32000, 128)]
