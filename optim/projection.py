@@ -96,9 +96,12 @@ def randomized_range(a: torch.Tensor, rank: int, oversampling: int, power_iters:
     # SVD of the tall b^T = V S U^T instead of the wide b: same factors, but LAPACK (MKL) took 11 s for a
     # 514 x 5461 b here against 0.6 s for its transpose.
     _vb, _s, ub_t = torch.linalg.svd(b.t(), full_matrices=False)  # ub_t (k, k) = U^T
-    # (M, r): orthonormal columns times an orthonormal (k, r) block, so orthonormal to rounding (~1e-6),
-    # as an SVD's U is; a further QR would cost ~15% of the refresh for nothing.
-    return q @ ub_t[:rank].t()
+    u = q @ ub_t[:rank].t()                                   # (M, r), orthonormal to rounding
+    # The QR is not for orthogonality: it fixes each column's sign from u's own entries. An SVD's signs are
+    # arbitrary and can flip between two nearly equal gradients (e.g. two summation orders on 1 vs 2 ranks);
+    # with moments kept across refreshes a flipped column flips its moments' meaning. (Dropping it broke
+    # the 2-rank vs 1-rank agreement of rgp in tests/distributed.)
+    return _orthonormal(u)
 
 
 def randomized_basis(grad: torch.Tensor, rank: int, side: str, oversampling: int = 2, power_iters: int = 0,
