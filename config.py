@@ -181,7 +181,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Checks that need several keys at once."""
-    t, o, d = cfg.train, cfg.optim, cfg.data
+    t, d = cfg.train, cfg.data
     for key, value in [("train.micro_batch", t.micro_batch), ("train.grad_accum", t.grad_accum),
                        ("train.max_steps", t.max_steps), ("data.seq_len", d.seq_len),
                        ("data.num_streams", d.num_streams), ("log.log_every", cfg.log.log_every)]:
@@ -197,8 +197,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {t.dtype!r}")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
-    if o.moments_on_refresh not in ("keep", "project"):
-        raise ConfigError(f"optim.moments_on_refresh must be keep or project, got {o.moments_on_refresh!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -88,15 +88,20 @@ def check_model(ckpt: Path, expected: dict[str, tuple]) -> Result:
     return True, "model.pt", f"{len(state)} tensors, {numel / 1e6:.2f}M values, shapes match model_args"
 
 
-def check_data_streams(ckpt: Path, config: dict) -> Result:
-    n = config.get("data", {}).get("num_streams")
-    if not isinstance(n, int) or n < 1:
-        return False, "data streams", "meta.json config lacks data.num_streams"
-    for s in range(n):
-        _, err = _load(ckpt / f"data_stream{s:03d}.pt")
+def _check_numbered(ckpt: Path, label: str, count, pattern: str, lacks: str) -> Result:
+    """Files pattern.format(0 .. count-1) all exist and load."""
+    if not isinstance(count, int) or count < 1:
+        return False, label, lacks
+    for i in range(count):
+        _, err = _load(ckpt / pattern.format(i))
         if err:
-            return False, "data streams", err
-    return True, "data streams", f"{n} data_stream*.pt files load"
+            return False, label, err
+    return True, label, f"{count} {pattern.split('{')[0]}*.pt files load"
+
+
+def check_data_streams(ckpt: Path, config: dict) -> Result:
+    return _check_numbered(ckpt, "data streams", config.get("data", {}).get("num_streams"),
+                           "data_stream{:03d}.pt", "meta.json config lacks data.num_streams")
 
 
 def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
@@ -146,13 +151,7 @@ def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
 
 
 def check_rng(ckpt: Path, world_size) -> Result:
-    if not isinstance(world_size, int) or world_size < 1:
-        return False, "rng states", "meta.json lacks world_size"
-    for r in range(world_size):
-        _, err = _load(ckpt / f"rng_rank{r:05d}.pt")
-        if err:
-            return False, "rng states", err
-    return True, "rng states", f"{world_size} rng_rank*.pt files load"
+    return _check_numbered(ckpt, "rng states", world_size, "rng_rank{:05d}.pt", "meta.json lacks world_size")
 
 
 def check_checkpoint(ckpt: str | Path) -> list[Result]:
