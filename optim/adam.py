@@ -53,8 +53,9 @@ def qmaps(device) -> tuple[torch.Tensor, torch.Tensor]:
     key = str(device)
     if key not in _QMAPS:
         import bitsandbytes.functional as bnbF
-        _QMAPS[key] = (bnbF.create_dynamic_map(signed=True).to(device),
-                       bnbF.create_dynamic_map(signed=False).to(device))
+        with torch.device("cpu"):   # bnb builds the map with no device=: pin it against a user's default device
+            maps = bnbF.create_dynamic_map(signed=True), bnbF.create_dynamic_map(signed=False)
+        _QMAPS[key] = tuple(m.to(device) for m in maps)
     return _QMAPS[key]
 
 

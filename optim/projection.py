@@ -75,7 +75,9 @@ def sketch_matrix(rows: int, cols: int, name: str, step: int) -> torch.Tensor:
     """The Gaussian test matrix (rows, cols), float32 on the CPU, seeded from (name, step)."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(projection_seed(name, step))
-    return torch.randn(rows, cols, generator=gen, dtype=torch.float32)
+    # device="cpu" explicitly: the generator is a CPU one, and a user's torch.set_default_device("cuda") must not
+    # move (or break) the draw; the caller copies the result to the gradient's device.
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float32, device="cpu")
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:

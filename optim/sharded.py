@@ -43,6 +43,8 @@ the state is keyed by parameter name, so a run resumes on a different number of 
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -152,6 +154,37 @@ def describe_plan(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_siz
     return s
 
 
+def run_signature(named, cfg, world_size: int, grad_mode: str) -> dict:
+    """What every rank must agree on before the first collective: parameters (names, shapes, dtypes in order),
+    the optimizer config, the world size and the gradient mode."""
+    optim = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+    return {"world_size": world_size, "grad_mode": grad_mode, "optim": optim,
+            "params": [[n, list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in named]}
+
+
+def describe_disagreement(sigs: list[dict]) -> str:
+    """One line naming the first thing in which some rank's `run_signature` differs from rank 0's."""
+    ref = sigs[0]
+    for r, sig in enumerate(sigs[1:], start=1):
+        if sig == ref:
+            continue
+        for key in ("world_size", "grad_mode"):
+            if sig[key] != ref[key]:
+                return f"ranks disagree: rank {r} has {key}={sig[key]}, rank 0 has {ref[key]}; launch every rank alike"
+        for key in sorted(set(ref["optim"]) | set(sig["optim"])):
+            if sig["optim"].get(key) != ref["optim"].get(key):
+                return (f"ranks disagree: rank {r} has optim.{key}={sig['optim'].get(key)!r}, rank 0 has "
+                        f"optim.{key}={ref['optim'].get(key)!r}; launch every rank with the same config")
+        a, b = ref["params"], sig["params"]
+        for i in range(max(len(a), len(b))):
+            pa = a[i] if i < len(a) else None
+            pb = b[i] if i < len(b) else None
+            if pa != pb:
+                return (f"ranks disagree on the model: parameter {i} is {pb} on rank {r} but {pa} on rank 0; "
+                        f"launch every rank with the same --model.* settings and dtype")
+    return "ranks disagree on the run signature; launch every rank with the same config"
+
+
 # --------------------------------------------------------------------------------------------------
 # The wrapper
 
@@ -196,7 +229,7 @@ class ShardedOptimizer:
     """
 
     def __init__(self, named_params, cfg, build_inner: Callable | None = None, process_group=None,
-                 grad_mode: str = "allreduce"):
+                 grad_mode: str = "allreduce", collectives_at_world_size_1: bool = False):
         if grad_mode not in ("allreduce", "reduce"):
             raise ValueError(f"grad_mode must be 'allreduce' or 'reduce', got {grad_mode!r}")
         self.cfg = cfg
@@ -206,9 +239,14 @@ class ShardedOptimizer:
         names = [n for n, _ in self.named]
         if len(set(names)) != len(names):
             raise ValueError("ShardedOptimizer: parameter names must be unique")
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
-        self.world_size = dist.get_world_size(process_group) if self.distributed else 1
+        initialised = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size(process_group) if initialised else 1
+        # collectives_at_world_size_1: run the whole communication path with one process (a single GPU cannot
+        # host two NCCL ranks, so this is how one GPU exercises our NCCL collectives; bench/gpu_smoke.sh).
+        self.distributed = initialised and (world > 1 or collectives_at_world_size_1)
+        self.world_size = world if self.distributed else 1
         self.rank = dist.get_rank(process_group) if self.distributed else 0
+        self.device = self._comm_device()
         shapes = {n: tuple(p.shape) for n, p in self.named}
         self.plan = plan_ownership(shapes, self.world_size, cfg)
         self.owned = [(n, p) for n, p in self.named if self.plan[n] == self.rank]
@@ -231,6 +269,37 @@ class ShardedOptimizer:
         self._global_grad_norm = None
         self._synced = False
         self._clipped = False
+        if self.distributed:
+            self._check_ranks_agree()
+
+    def _comm_device(self) -> torch.device:
+        """The device of every collective buffer: the parameters' device. NCCL only takes CUDA tensors, and on a
+        mixed `cpu:gloo,cuda:nccl` group the backend is picked by the tensor's device, so a flag created on the
+        CPU by one rank and on the GPU by another would meet on different backends and hang."""
+        devices = {p.device for _, p in self.named}
+        if len(devices) > 1:
+            raise ValueError(f"ShardedOptimizer: parameters live on several devices ({', '.join(sorted(map(str, devices)))}); "
+                             f"move the whole model to one device before building the optimizer")
+        device = devices.pop() if devices else torch.device("cpu")
+        if self.distributed and device.type != "cuda" and "nccl" in str(dist.get_backend(self.group)).split(","):
+            raise ValueError(f"the process group uses NCCL but the parameters are on {device}; move the model to "
+                             f"its CUDA device (model.to(f'cuda:{{LOCAL_RANK}}')) before building the optimizer")
+        return device
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank computes the ownership plan on its own; ranks launched with different models or optimizer
+        settings would issue mismatched collectives (a hang or silent corruption). Compare a hash of what the
+        plan and the collectives depend on, and stop every rank with one line naming the first difference."""
+        sig = run_signature(self.named, self.cfg, self.world_size, self.grad_mode)
+        digest = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).digest()
+        mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64, device=self.device)
+        everyone = mine.repeat(self.world_size)          # a no-op collective (the fake process group) keeps them equal
+        dist.all_gather_single(everyone, mine, group=self.group)
+        if bool((everyone == mine).all()):
+            return
+        sigs: list = [None] * self.world_size
+        dist.all_gather_object(sigs, sig, group=self.group)
+        raise ValueError(describe_disagreement(sigs))
 
     # -- what torch.optim.Optimizer users expect ---------------------------------------------------
     @property
@@ -261,7 +330,7 @@ class ShardedOptimizer:
             self._grads_to_masters()
             self._synced = True
             return
-        present = torch.tensor([p.grad is not None for _, p in self.named], dtype=torch.int32)
+        present = torch.tensor([p.grad is not None for _, p in self.named], dtype=torch.int32, device=self.device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
         live = [(n, p) for (n, p), f in zip(self.named, present.tolist()) if f]
         self._live = [n for n, _ in live]
@@ -317,7 +386,7 @@ class ShardedOptimizer:
         if not self._synced:
             self.sync_gradients()
         idx = {n: i for i, n in enumerate(self._live)}
-        norms = torch.zeros(len(idx), dtype=torch.float32)
+        norms = torch.zeros(len(idx), dtype=torch.float32, device=self.device)
         owned_grads = []
         holders = [(n, self._grad_holder(n, p)) for n, p in self.owned]
         with_grad = [(n, h) for n, h in holders if h.grad is not None]
@@ -363,7 +432,7 @@ class ShardedOptimizer:
             by_dtype.setdefault(p.dtype, []).append(p)
         for ps in by_dtype.values():
             flat = torch.cat([p.detach().reshape(-1) for p in ps]) if owner == self.rank else \
-                torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype)
+                torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
             dist.broadcast(flat, src=src, group=self.group)
             if owner != self.rank:
                 off = 0
