@@ -1,6 +1,7 @@
 """Run the sharded optimizer under `deepspeed.initialize` with an ordinary ds_config.
 
-    ds = read_deepspeed_config("configs/deepspeed/zero2.json", world_size)   # micro batch, accum, clip, bf16, stage
+    ds = read_deepspeed_config("configs/deepspeed/zero2.json", world_size)   # stage, bf16; batch keys if it has them
+    dtype = reconcile_with_run(ds, cfg.train, world_size)                    # the run config fills/validates them
     model.to(torch.bfloat16) if ds.bf16 else None                             # before building the optimizer
     opt = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode)
     engine = init_deepspeed(model, opt, ds)
@@ -17,6 +18,13 @@ What DeepSpeed does and does not do here (deepspeed 0.19.8 `runtime/engine.py`, 
   inconsistent `train_batch_size` are refused up front with a one-line error.
 - Communication and clipping. The engine gets `gradient_clipping: 0` and `enable_backward_allreduce =
   False`: the sharded optimizer owns gradient communication and clips with the global norm across owners.
+- One source of batch settings: the run config (`train.micro_batch`, `train.grad_accum` or
+  `train.global_batch`, `train.grad_clip`, `train.dtype`). The JSON may leave these keys out (the shipped
+  configs do) or restate them; a JSON value that differs from the resolved run value is a one-line error,
+  never a silent override, because `engine.backward` divides by the JSON's accumulation while the trainer
+  runs the run's: a recipe with `global_batch = 512` under a JSON with accumulation 1 would sum 8
+  micro-batch means at 8 ranks. `reconcile_with_run` writes the run's values into the engine config.
+  Precision: `bf16.enabled` decides when `train.dtype = "auto"`; an explicit dtype must agree with it.
 - Accumulation. `engine.backward(loss)` divides the loss by `gradient_accumulation_steps`. The engine's
   config gets `managed_gradient_accumulation: false`, so *every* `engine.step()` is an accumulation
   boundary: the trainer calls it once per optimizer step, after its micro-batches (in DeepSpeed's default
@@ -52,13 +60,14 @@ class DeepSpeedConfigError(ValueError):
 
 @dataclass
 class DeepSpeedSettings:
-    micro_batch: int            # train_micro_batch_size_per_gpu
-    grad_accum: int             # gradient_accumulation_steps
-    grad_clip: float            # gradient_clipping (0: off)
-    bf16: bool                  # bf16.enabled
+    micro_batch: int | None     # train_micro_batch_size_per_gpu (None: not in the JSON, the run config gives it)
+    grad_accum: int | None      # gradient_accumulation_steps (None: idem)
+    grad_clip: float | None     # gradient_clipping, 0: off (None: idem)
+    bf16: bool | None           # bf16.enabled (None: idem)
     zero_stage: int             # zero_optimization.stage (0, 1 or 2), honoured by the sharded optimizer
     grad_mode: str              # "allreduce" (stage 0/1) or "reduce" (stage 2)
     engine_config: dict = field(default_factory=dict)   # what deepspeed.initialize gets (stage 0, no clip/bf16)
+    train_batch_size: int | None = None                 # train_batch_size, when the JSON states it
 
 
 def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeedSettings:
@@ -87,26 +96,71 @@ def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeed
         raise DeepSpeedConfigError("remove the 'optimizer'/'scheduler' sections: the optimizer and LR schedule come "
                                    "from the run config (--optim.*, --train.*)")
     micro = conf.get("train_micro_batch_size_per_gpu")
-    accum = conf.get("gradient_accumulation_steps", 1)
-    if not isinstance(micro, int) or micro < 1:
-        raise DeepSpeedConfigError("DeepSpeed config needs an integer train_micro_batch_size_per_gpu >= 1")
-    if not isinstance(accum, int) or accum < 1:
-        raise DeepSpeedConfigError("gradient_accumulation_steps must be an integer >= 1")
+    accum = conf.get("gradient_accumulation_steps")
     total = conf.get("train_batch_size")
-    if total is not None and world_size and total != micro * accum * world_size:
+    for key, value in [("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum),
+                       ("train_batch_size", total)]:
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise DeepSpeedConfigError(f"{key} must be an integer >= 1, got {value!r}; or leave it out and let "
+                                       f"the run config (--train.*) set it")
+    if total is not None and micro and accum and world_size and total != micro * accum * world_size:
         raise DeepSpeedConfigError(f"train_batch_size {total} != micro {micro} x accumulation {accum} x world "
                                    f"{world_size}; drop train_batch_size or fix it")
+    clip = conf.get("gradient_clipping")
+    bf16 = (conf.get("bf16") or {}).get("enabled") if "bf16" in conf else None
     engine_config = {k: v for k, v in conf.items()
-                     if k not in ("zero_optimization", "bf16", "gradient_clipping", "train_batch_size")}
+                     if k not in ("zero_optimization", "bf16", "gradient_clipping", "train_batch_size",
+                                  "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     engine_config.update({"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
-                          "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
                           "managed_gradient_accumulation": False})
     engine_config.setdefault("steps_per_print", 10**9)
     engine_config.setdefault("wall_clock_breakdown", False)
-    return DeepSpeedSettings(micro_batch=micro, grad_accum=accum,
-                             grad_clip=float(conf.get("gradient_clipping", 0.0) or 0.0),
-                             bf16=bool((conf.get("bf16") or {}).get("enabled", False)), zero_stage=stage,
-                             grad_mode=STAGE_TO_MODE[stage], engine_config=engine_config)
+    ds = DeepSpeedSettings(micro_batch=micro, grad_accum=accum,
+                           grad_clip=None if clip is None else float(clip or 0.0),
+                           bf16=None if bf16 is None else bool(bf16), zero_stage=stage,
+                           grad_mode=STAGE_TO_MODE[stage], engine_config=engine_config, train_batch_size=total)
+    _fill_engine_batch(ds)
+    return ds
+
+
+def _fill_engine_batch(ds: DeepSpeedSettings) -> None:
+    if ds.micro_batch is not None:
+        ds.engine_config["train_micro_batch_size_per_gpu"] = ds.micro_batch
+    if ds.grad_accum is not None:
+        ds.engine_config["gradient_accumulation_steps"] = ds.grad_accum
+
+
+def reconcile_with_run(ds: DeepSpeedSettings, train_cfg, world_size: int) -> str:
+    """Make the run config the one source of batch settings (module doc): fill what the JSON leaves out from
+    `train_cfg` (train.micro_batch, train.grad_accum as resolved from train.global_batch, train.grad_clip),
+    refuse a JSON value that differs, and return the run's dtype ("bfloat16"/"float32"/"auto") after applying
+    `bf16.enabled`. Call it after train.global_batch has been turned into train.grad_accum."""
+    t = train_cfg
+    fix = "remove the key from the DeepSpeed JSON (the run config is the one source of batch settings)"
+    for json_key, run_key, json_value, run_value in [
+            ("train_micro_batch_size_per_gpu", "train.micro_batch", ds.micro_batch, t.micro_batch),
+            ("gradient_accumulation_steps", "train.grad_accum", ds.grad_accum, t.grad_accum),
+            ("train_batch_size", "train.micro_batch x train.grad_accum x world size", ds.train_batch_size,
+             t.micro_batch * t.grad_accum * world_size),
+            ("gradient_clipping", "train.grad_clip", ds.grad_clip, t.grad_clip)]:
+        if json_value is not None and json_value != run_value:
+            via = f" (train.global_batch {t.global_batch} / (micro {t.micro_batch} x world {world_size}))" \
+                if run_key == "train.grad_accum" and t.global_batch else ""
+            knob = "train.global_batch" if via else run_key.split(" ")[0]
+            raise DeepSpeedConfigError(f"DeepSpeed config sets {json_key}={json_value} but the run has {run_key}="
+                                       f"{run_value}{via}; {fix}, or set --{knob} to match")
+    ds.micro_batch, ds.grad_accum, ds.grad_clip = t.micro_batch, t.grad_accum, t.grad_clip
+    ds.train_batch_size = t.micro_batch * t.grad_accum * world_size
+    _fill_engine_batch(ds)
+    if ds.bf16 is None:
+        ds.bf16 = t.dtype == "bfloat16"
+        return t.dtype
+    wanted = "bfloat16" if ds.bf16 else "float32"
+    if t.dtype not in ("auto", wanted):
+        raise DeepSpeedConfigError(f"DeepSpeed config sets bf16.enabled={str(ds.bf16).lower()} but the run has "
+                                   f"train.dtype={t.dtype}; set --train.dtype=auto (or {wanted}), or use a JSON "
+                                   f"that matches (configs/deepspeed/zero2_cpu.json is fp32)")
+    return wanted
 
 
 def init_deepspeed(model: torch.nn.Module, optimizer, ds) -> "deepspeed.DeepSpeedEngine":  # noqa: F821
@@ -116,6 +170,9 @@ def init_deepspeed(model: torch.nn.Module, optimizer, ds) -> "deepspeed.DeepSpee
     import deepspeed
     if not isinstance(ds, DeepSpeedSettings):
         ds = read_deepspeed_config(ds)
+    if ds.micro_batch is None or ds.grad_accum is None:
+        raise DeepSpeedConfigError("the DeepSpeed settings lack the micro batch / accumulation; call "
+                                   "reconcile_with_run(ds, cfg.train, world_size) before init_deepspeed")
     if ds.bf16 and any(p.dtype != torch.bfloat16 for p in model.parameters()):
         raise DeepSpeedConfigError("bf16.enabled: cast the model with model.to(torch.bfloat16) before building the "
                                    "ShardedOptimizer (it keeps the fp32 masters), then call init_deepspeed")
@@ -127,7 +184,7 @@ def init_deepspeed(model: torch.nn.Module, optimizer, ds) -> "deepspeed.DeepSpee
                            f"torch.distributed (deepspeed.init_distributed) before building it")
     optimizer.grad_mode = ds.grad_mode
     optimizer.sync_in_step = True
-    optimizer.clip_in_step = ds.grad_clip
+    optimizer.clip_in_step = ds.grad_clip or 0.0
     # Our wrapper is not a torch.optim.Optimizer, so pass a factory; the engine calls it with the params.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _params: optimizer,
                                            config=ds.engine_config)

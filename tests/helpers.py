@@ -12,3 +12,11 @@ def small_run(corpus_dir, spm_path, out_dir, *extra):
             "--model.intermediate_size=160", "--train.micro_batch=4", "--train.grad_accum=2",
             "--train.max_steps=8", "--train.eval_every=4", "--train.save_every=4", "--log.log_every=1",
             "--log.progress=false", f"--train.out_dir={out_dir}", *extra]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for a rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

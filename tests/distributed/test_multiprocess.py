@@ -13,7 +13,6 @@ timeout, so a collective hang fails the test instead of hanging it.
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,18 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_common as C  # noqa: E402
 
 from optim.sharded import ShardedOptimizer, load_optimizer_shards, save_optimizer_shards  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NAMES = C.available_names()
 CKPT_NAMES = [n for n in ("galore", "rgp8bit") if n in NAMES]
 ATOL = {"adamw": 1e-4, "galore": 1e-4, "rgp": 1e-4}      # fp32 moments, summation order only (see above)
-ATOL_8BIT = 5e-3   # 8-bit moments: a last-bit gradient difference can move a value to the next quantization code
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# 8-bit moments: a last-bit gradient difference can move a moment to the next quantization code, which changes
+# that element's Adam step by up to about lr (0.01 here, C.make_cfg); 0.0051 was seen against the full batch.
+ATOL_8BIT = 1e-2
 
 
 def run(cmd, timeout):

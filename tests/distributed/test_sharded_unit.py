@@ -110,7 +110,9 @@ def test_bf16_single_process_keeps_fp32_masters():
 
 def test_deepspeed_settings_and_refusals(tmp_path):
     ds = read_deepspeed_config(C.REPO / "configs/deepspeed/zero2.json", 2)
-    assert ds.grad_mode == "reduce" and ds.zero_stage == 2 and ds.grad_clip == 1.0 and ds.micro_batch == 8
+    assert ds.grad_mode == "reduce" and ds.zero_stage == 2 and ds.bf16 is True      # GPU recipes train in bf16
+    assert ds.micro_batch is ds.grad_accum is ds.grad_clip is None                   # the run config sets them
+    assert read_deepspeed_config(C.REPO / "configs/deepspeed/zero2_cpu.json").bf16 is False
     patched = ds.engine_config
     assert patched["zero_optimization"] == {"stage": 0} and patched["gradient_clipping"] == 0.0
     assert "bf16" not in patched and patched["managed_gradient_accumulation"] is False
@@ -121,6 +123,47 @@ def test_deepspeed_settings_and_refusals(tmp_path):
     for bad, msg in [({"fp16": {"enabled": True}}, "fp16"),
                      ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
                      ({"optimizer": {"type": "Adam"}}, "optimizer"),
-                     ({"train_batch_size": 3}, "train_batch_size")]:
+                     ({"train_batch_size": 3, "gradient_accumulation_steps": 1}, "train_batch_size"),
+                     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be")]:
         with pytest.raises(DeepSpeedConfigError, match=msg):
             read_deepspeed_config({**base, **bad}, 2)
+
+
+def test_deepspeed_batch_settings_come_from_the_run():
+    from config import TrainConfig
+    from optim.deepspeed_glue import reconcile_with_run
+    t = TrainConfig(micro_batch=4, grad_accum=2, grad_clip=0.5, dtype="auto")
+    ds = read_deepspeed_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, 2)
+    assert reconcile_with_run(ds, t, 2) == "bfloat16"
+    assert (ds.micro_batch, ds.grad_accum, ds.grad_clip) == (4, 2, 0.5)
+    assert ds.engine_config["train_micro_batch_size_per_gpu"] == 4
+    assert ds.engine_config["gradient_accumulation_steps"] == 2          # what engine.backward divides by
+    same = read_deepspeed_config({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                                  "train_batch_size": 16, "gradient_clipping": 0.5}, 2)
+    assert reconcile_with_run(same, t, 2) == "auto"                       # restating the run's values is fine
+    for conf, msg in [({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps=1 but the run has "
+                       "train.grad_accum=2"),
+                      ({"train_micro_batch_size_per_gpu": 8}, "train.micro_batch=4"),
+                      ({"gradient_clipping": 1.0}, "train.grad_clip=0.5"),
+                      ({"train_batch_size": 8}, "train_batch_size=8")]:
+        with pytest.raises(DeepSpeedConfigError, match=msg):
+            reconcile_with_run(read_deepspeed_config(conf, 2), t, 2)
+    t.dtype = "float32"
+    with pytest.raises(DeepSpeedConfigError, match="bf16.enabled=true but the run has train.dtype=float32"):
+        reconcile_with_run(read_deepspeed_config({"bf16": {"enabled": True}}, 2), t, 2)
+
+
+def test_rank_disagreement_names_the_difference():
+    from optim.sharded import describe_disagreement, run_signature
+    model = C.tiny_model()
+    named = list(model.named_parameters())
+    a = run_signature(named, C.make_cfg("galore"), 2, "reduce")
+    cfg = C.make_cfg("galore")
+    cfg.rank = 16
+    assert describe_disagreement([a, run_signature(named, cfg, 2, "reduce")]) == (
+        "ranks disagree: rank 1 has optim.rank=16, rank 0 has optim.rank=8; launch every rank with the same config")
+    bigger = list(C.tiny_model(dtype=torch.bfloat16).named_parameters())
+    assert "parameter 0 is ['embed_tokens.weight', [256, 64], 'bfloat16'] on rank 1" in describe_disagreement(
+        [a, run_signature(bigger, C.make_cfg("galore"), 2, "reduce")])
+    assert "grad_mode=allreduce" in describe_disagreement([a, a, run_signature(named, C.make_cfg("galore"), 2,
+                                                                                 "allreduce")])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint import complete_checkpoints
-from tests.helpers import small_run
+from tests.helpers import free_port, small_run
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -104,16 +104,51 @@ def test_elastic_resume_continues_the_curve(runs, which):
 
 
 def test_deepspeed_launcher_zero2_matches(runs, corpus_dir, spm_path, tmp_path):
-    """`deepspeed --num_gpus 2 train.py --deepspeed zero2.json`: micro batch / accumulation / clipping from the JSON."""
-    ds_json = tmp_path / "zero2.json"
-    conf = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
-    conf.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, gradient_clipping=1.0)
-    ds_json.write_text(json.dumps(conf))
+    """`deepspeed --num_gpus 2 train.py --deepspeed zero2_cpu.json` with train.global_batch=8: the run config
+    sets the engine's accumulation (1 here, 2 in the 1-rank run), so the first step's pre-clip gradient norm
+    and the whole curve equal the 1-rank run's. (Before the fix the engine divided by the JSON's accumulation
+    while the trainer ran the run's: at 2 ranks the gradient was the sum of 2 micro-batch means.)"""
     out = tmp_path / "ds"
     args = small_run(corpus_dir, spm_path, out, "--optim.name=galore", "--optim.rank=8",
-                     "--optim.update_proj_gap=3", f"--deepspeed={ds_json}")
+                     "--optim.update_proj_gap=3", "--train.global_batch=8",
+                     f"--deepspeed={REPO / 'configs/deepspeed/zero2_cpu.json'}")
     launch(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "train.py", *args], timeout=400)
     one = runs["galore"][0]
+    n1, n2 = losses(one, "grad_norm"), losses(out, "grad_norm")
+    assert abs(n1[1] - n2[1]) <= 1e-5 * n1[1], (n1[1], n2[1])
     l1, l2 = losses(one), losses(out)
     assert all(abs(l1[s] - l2[s]) < 1e-4 for s in range(1, 9)), (l1, l2)
     assert_close_weights(weights(one), weights(out))
+
+
+def test_deepspeed_json_that_contradicts_the_run_is_refused(corpus_dir, spm_path, tmp_path):
+    """A JSON restating the accumulation differently from train.global_batch stops before training."""
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}))
+    args = small_run(corpus_dir, spm_path, tmp_path / "x", "--train.global_batch=16", f"--deepspeed={ds_json}")
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env={**ENV, "WORLD_SIZE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: DeepSpeed config sets gradient_accumulation_steps=1 but the run has train.grad_accum=4 "
+        "(train.global_batch 16 / (micro 4 x world 1)); remove the key from the DeepSpeed JSON (the run config "
+        "is the one source of batch settings), or set --train.global_batch to match")
+
+
+def test_ranks_launched_with_different_settings_stop_with_one_line(corpus_dir, spm_path, tmp_path):
+    """Two train.py processes of one job, the second with another --optim.rank: both stop before the first
+    gradient collective with one line naming the difference (before the check: mismatched collectives)."""
+    port = str(free_port())
+    procs = []
+    for rank, optim_rank in [(0, 8), (1, 16)]:
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port}
+        args = small_run(corpus_dir, spm_path, tmp_path / "run", "--optim.name=galore",
+                         f"--optim.rank={optim_rank}", "--train.global_batch=8")
+        procs.append(subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1] == ("error: ranks disagree: rank 1 has optim.rank=16, rank 0 has "
+                                                "optim.rank=8; launch every rank with the same config")
