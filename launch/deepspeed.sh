@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# DeepSpeed launcher over the hosts in HOSTFILE (see launch/hostfile.example); ZeRO-2 semantics by default.
-# Micro batch, accumulation, clipping and bf16 come from DS_CONFIG (optim/deepspeed_glue.py).
-# Usage: HOSTFILE=launch/hostfile CONFIG=configs/runs/c4_llama_1b.toml [DS_CONFIG=configs/deepspeed/zero1.json] \
-#        launch/deepspeed.sh [--section.key=value ...]
-# One machine without a hostfile: NGPU=2 launch/deepspeed.sh   (CPU: DS_ACCELERATOR=cpu)
+# DeepSpeed launcher, resuming automatically. DS_CONFIG picks the ZeRO stage and precision
+# (configs/deepspeed/README.md); batch size, accumulation and clipping come from the recipe.
+# Usage: [HOSTFILE=launch/hostfile | NGPU=8] [DS_CONFIG=configs/deepspeed/zero1.json] \
+#        bash launch/deepspeed.sh RECIPE.toml [--section.key=value ...]
+#   e.g. HOSTFILE=launch/hostfile bash launch/deepspeed.sh configs/runs/c4_llama_1b.toml
+#        DS_ACCELERATOR=cpu NGPU=2 DS_CONFIG=configs/deepspeed/zero2_cpu.json \
+#            bash launch/deepspeed.sh configs/runs/tiny_cpu.toml --train.max_steps=20     (CPU, gloo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONFIG=${CONFIG:-configs/runs/tiny_cpu.toml}
+source launch/_recipe.sh "$@"
 DS_CONFIG=${DS_CONFIG:-configs/deepspeed/zero2.json}
 if [[ -n "${HOSTFILE:-}" ]]; then
     hosts=(--hostfile "$HOSTFILE")
@@ -14,4 +16,4 @@ else
     hosts=(--num_gpus "${NGPU:-1}")
 fi
 exec deepspeed "${hosts[@]}" --master_port "${MASTER_PORT:-29500}" \
-    train.py --config "$CONFIG" --deepspeed "$DS_CONFIG" --train.resume=auto "$@"
+    train.py --config "$RECIPE" --deepspeed "$DS_CONFIG" --train.resume=auto "${OVERRIDES[@]}"
