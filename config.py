@@ -80,7 +80,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16
     device: str = "auto"               # auto, cpu, cuda
-    skip_nonfinite: bool = False       # skip a step whose loss is NaN/inf instead of stopping
+    skip_nonfinite: bool = False       # skip a step whose loss or gradient norm is NaN/inf instead of stopping
+    force_collectives: bool = False    # run the sharded optimizer's collectives even with one process (GPU smoke test)
 
 
 @dataclass

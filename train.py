@@ -37,23 +37,32 @@ from model import build_model
 from optim.schedule import lr_multiplier
 from optim.sharded import ShardedOptimizer
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: launch/slurm.sbatch requeues the job on this code
+PREEMPTED_EXIT = 143  # 128 + SIGTERM; launch/slurm.sbatch requeues on the PREEMPT_MARKER file, not on a code
 
 
 class RunError(RuntimeError):
     """A run-level problem (existing run directory, NaN loss, ...); one line that names the fix."""
 
 
-def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; starts the process group when a launcher set WORLD_SIZE > 1."""
+def setup_distributed(device_pref: str, force_collectives: bool = False) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; starts the process group when a launcher set WORLD_SIZE > 1 (or, with
+    force_collectives, also for one process, so that one GPU runs the sharded optimizer's NCCL path)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if (world > 1 or force_collectives) and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "MASTER_ADDR" in os.environ:            # a launcher (torchrun, deepspeed, srun) set the rendezvous
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
+        else:                                      # plain `python train.py`: a one-process group on a free port
+            import socket
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
@@ -147,30 +156,34 @@ def peak_memory_bytes(device) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Train; the signal handlers installed for preemption are removed again on return (tests call main)."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    started_here = not (dist.is_available() and dist.is_initialized())
     try:
         return run(argv)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if started_here and dist.is_available() and dist.is_initialized():   # also after an error
+            dist.destroy_process_group()
 
 
 def run(argv: list[str] | None) -> int:
     cfg = parse_args(argv)
     t, d = cfg.train, cfg.data
-    rank, world, device = setup_distributed(t.device)
-    ds = None
-    if cfg.deepspeed:  # micro batch, accumulation, clipping, precision and ZeRO stage come from the JSON
-        from optim.deepspeed_glue import read_deepspeed_config
-        ds = read_deepspeed_config(cfg.deepspeed, world)
-        t.micro_batch, t.grad_accum, t.grad_clip = ds.micro_batch, ds.grad_accum, ds.grad_clip
-        t.dtype = "bfloat16" if ds.bf16 else "float32"
+    rank, world, device = setup_distributed(t.device, t.force_collectives)
     if t.global_batch:
         if t.global_batch % (t.micro_batch * world):
             raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of micro_batch x world size "
                               f"= {t.micro_batch} x {world}; change --train.micro_batch or --train.global_batch")
         t.grad_accum = t.global_batch // (t.micro_batch * world)
+    ds = None
+    if cfg.deepspeed:  # the ZeRO stage comes from the JSON; batch, clipping and dtype from the run config
+        from optim.deepspeed_glue import read_deepspeed_config, reconcile_with_run
+        ds = read_deepspeed_config(cfg.deepspeed, world)
+        t.dtype = reconcile_with_run(ds, t, world)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
+    if ds is not None:
+        ds.bf16 = dtype == torch.bfloat16
     out_dir = Path(t.out_dir)
     ckpt = resolve_resume(t.resume, out_dir)
     if ckpt is None and (out_dir / "metrics.jsonl").exists():
@@ -189,7 +202,8 @@ def run(argv: list[str] | None) -> int:
                         intermediate_size=cfg.model.intermediate_size, norm_eps=cfg.model.norm_eps,
                         rope_theta=cfg.model.rope_theta).to(device=device, dtype=dtype)
     # ZeRO-1 semantics (all-reduce every gradient) unless a DeepSpeed stage-2 config asks for reduce-to-owner
-    optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode if ds else "allreduce")
+    optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode if ds else "allreduce",
+                                 collectives_at_world_size_1=t.force_collectives)
     stepper = None
     if cfg.optim.layerwise:  # step each parameter in its backward hook (optim/layerwise.py)
         if world > 1 or ds is not None or dtype != torch.float32 or t.grad_clip > 0:
@@ -253,23 +267,26 @@ def run(argv: list[str] | None) -> int:
             loss_sum += loss.detach()
 
         # one small collective: the global mean loss, and whether any rank saw a non-finite loss or a signal
-        loss_mean, bad, stop = all_sum([loss_sum.item() / t.grad_accum, float(not math.isfinite(loss_sum.item())),
-                                        preempt["flag"]], device)
+        loss_mean, bad_loss, stop = all_sum([loss_sum.item() / t.grad_accum, float(not math.isfinite(loss_sum.item())),
+                                             preempt["flag"]], device)
         loss_mean /= world
-        if bad:
-            if not t.skip_nonfinite:
-                raise RunError(f"loss became {loss_mean} at step {step + 1}; the last good checkpoint is untouched "
-                               f"(lower --optim.lr, or pass --train.skip_nonfinite=true to skip such steps)")
-            optimizer.zero_grad(set_to_none=True)
-            log.log({"step": step + 1, "skipped_nonfinite": True, "loss": loss_mean})
-            step += 1
-            tokens += tokens_per_step
-            continue
-        if stepper is not None:  # already stepped inside backward; no gradient is left
-            grad_norm = None
-        else:
+        grad_norm = None
+        if not bad_loss and stepper is None:  # (layer-wise mode already stepped inside backward)
             optimizer.sync_gradients()
-            grad_norm = optimizer.clip_grad_norm_(t.grad_clip)
+            grad_norm = optimizer.clip_grad_norm_(t.grad_clip)  # global: the same on every rank
+        # A non-finite loss or gradient norm (an inf norm makes clipping zero every gradient, a NaN poisons them
+        # all) stops the run before any weight moves, or skips the step under train.skip_nonfinite.
+        bad = "loss" if bad_loss else \
+            "gradient norm" if grad_norm is not None and not math.isfinite(float(grad_norm)) else ""
+        if bad and not t.skip_nonfinite:
+            raise RunError(f"{bad} became {loss_mean if bad == 'loss' else float(grad_norm)} at step {step + 1}; "
+                           f"the last good checkpoint is untouched (lower --optim.lr, or pass "
+                           f"--train.skip_nonfinite=true to skip such steps)")
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            log.log({"step": step + 1, "skipped_nonfinite": True, "loss": loss_mean,
+                     **({"grad_norm": float(grad_norm)} if grad_norm is not None else {})})
+        elif stepper is None:
             if engine is not None:
                 engine.step()  # calls optimizer.step() at the accumulation boundary
             else:
@@ -279,7 +296,7 @@ def run(argv: list[str] | None) -> int:
         tokens += tokens_per_step
         log.advance(loss_mean)
 
-        if step % cfg.log.log_every == 0 or step == t.max_steps:
+        if not bad and (step % cfg.log.log_every == 0 or step == t.max_steps):
             now = time.time()
             state_bytes = all_sum([optimizer.state_bytes()], device)[0]
             log.log({"step": step, "tokens": tokens, "loss": loss_mean, "lr": lr,
@@ -299,13 +316,14 @@ def run(argv: list[str] | None) -> int:
             if rank == 0:
                 print(f"preempted: saved step {step} to {out_dir}/checkpoints; exiting {PREEMPTED_EXIT} "
                       f"to be requeued", flush=True)
+                marker = os.environ.get("PREEMPT_MARKER")  # launch/slurm.sbatch requeues when this file exists
+                if marker:
+                    Path(marker).write_text(f"step {step} saved to {out_dir}\n")
             log.close()
             return PREEMPTED_EXIT
         if stop_here:
             break
     log.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

@@ -171,6 +171,36 @@ def test_nonfinite_loss_stops_or_skips(corpus_dir, spm_path, tmp_path, monkeypat
     assert [r["step"] for r in skipped] == [6]
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_nonfinite_grad_norm_stops_or_skips(corpus_dir, spm_path, tmp_path, monkeypatch, bad):
+    """A finite loss with one inf/NaN gradient at step 6: without the check, clipping by an inf norm zeroes
+    every gradient (a NaN one poisons them) and training goes on. It must stop like a non-finite loss, keeping
+    the step-4 checkpoint, or skip the step under --train.skip_nonfinite without touching the weights."""
+    real_build = train.build_model
+
+    def build_poisoned(*a, **k):
+        model = real_build(*a, **k)
+        calls = {"n": 0}
+
+        def hook(grad):
+            calls["n"] += 1
+            return torch.full_like(grad, bad) if calls["n"] in (11, 12) else grad   # step 6's two micro-batches
+        model.norm.weight.register_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_poisoned)
+    out = tmp_path / "stop"
+    with pytest.raises(train.RunError, match=f"gradient norm became {bad} at step 6"):
+        train.main(small_run(corpus_dir, spm_path, out, "--train.eval_every=0"))
+    assert [c.name for c in complete_checkpoints(out)] == ["step_00000004"]
+    out2 = tmp_path / "skip"
+    assert train.main(small_run(corpus_dir, spm_path, out2, "--train.eval_every=0", "--train.skip_nonfinite=true",
+                                "--train.max_steps=6", "--train.save_every=5")) == 0
+    assert [r["step"] for r in metrics(out2) if r.get("skipped_nonfinite")] == [6]
+    step5, step6 = [torch.load(c / "model.pt", weights_only=True) for c in complete_checkpoints(out2)]
+    assert all(torch.equal(step5[k], step6[k]) for k in step5)              # the skipped step moved nothing
+
+
 def test_wandb_offline_keeps_one_run_across_resume(corpus_dir, spm_path, tmp_path, monkeypatch):
     """--log.wandb=true works with no network (offline) and a resumed run continues the same wandb run id."""
     monkeypatch.setenv("WANDB_MODE", "offline")
