@@ -9,9 +9,12 @@
    {"bench": "step", "optim": name, "step_s": ordinary step, "adamw_step_s": our adamw's, "refresh_step_s":
     a step that refreshes the bases, "amortized_step_s_T200": (199 * step_s + refresh_step_s) / 200, ...}
    plus reference lines for torch.optim.AdamW (default foreach) and galore_torch.GaLoreAdamW.
+3. Our AdamW step vs torch.optim.AdamW, interleaved round by round (also run by --only step):
+   {"bench": "adamw_step", "ours_foreach_s", "ours_per_param_s", "torch_foreach_s", "foreach_vs_torch", ...}
 
     python bench/projection.py            # full: 60M/350M/1B shapes, all optimizers (~4-5 min here)
     python bench/projection.py --quick    # 60M/350M shapes, fewer optimizers and repeats (~1 min)
+    python bench/projection.py --only adamw   # our AdamW step vs torch's, interleaved (~30 s)
 """
 from __future__ import annotations
 
@@ -146,16 +149,47 @@ def bench_step(quick: bool):
              refresh_vs_adamw=round(rs / base, 2), amortized_vs_adamw=round((199 * s + rs) / 200 / base, 2))
 
 
+def bench_adamw_side_by_side(rounds: int):
+    """Our plain AdamW step against torch.optim.AdamW (foreach, its default), interleaved round by round on
+    identical 60M models and gradients: ours as `step()` runs it (multi-tensor) and as the per-parameter loop
+    it replaced (`step_param` for every parameter, still the layer-wise path). Medians of times and of the
+    per-round ratios; a round's three steps run back to back, so load changes hit all three alike."""
+    models = [_model_with_grads() for _ in range(3)]
+    cfg = OptimConfig(name="adamw", lr=1e-3)
+    ours = build_optimizer(list(models[0].named_parameters()), cfg)
+    loop = build_optimizer(list(models[1].named_parameters()), cfg)
+    ref = torch.optim.AdamW(list(models[2].parameters()), lr=1e-3)
+    loop_params = [p for g in loop.param_groups for p in g["params"]]
+    runs = {"ours_foreach": ours.step, "ours_per_param": lambda: [loop.step_param(p) for p in loop_params],
+            "torch_foreach": ref.step}
+    for fn in runs.values():       # step 1 allocates the state
+        fn()
+    times = {k: [] for k in runs}
+    for r in range(rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for k in order:
+            t0 = time.perf_counter()
+            runs[k]()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))  # noqa: E731
+    emit(bench="adamw_step", model="60m", rounds=rounds, **{f"{k}_s": round(v, 4) for k, v in med.items()},
+         foreach_vs_torch=round(ratio("ours_foreach", "torch_foreach"), 3),
+         per_param_vs_torch=round(ratio("ours_per_param", "torch_foreach"), 3))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer optimizers and repeats")
-    ap.add_argument("--only", choices=["refresh", "step"], help="run one of the two benchmarks")
+    ap.add_argument("--only", choices=["refresh", "step", "adamw"], help="run one of the benchmarks")
     args = ap.parse_args(argv)
     emit(bench="env", torch=torch.__version__, threads=torch.get_num_threads(), quick=args.quick)
     if args.only in (None, "refresh"):
         bench_refresh(args.quick)
     if args.only in (None, "step"):
         bench_step(args.quick)
+    if args.only in (None, "step", "adamw"):
+        bench_adamw_side_by_side(5 if args.quick else 15)
 
 
 if __name__ == "__main__":

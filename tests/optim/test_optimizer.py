@@ -1,8 +1,6 @@
 """build_optimizer: groups, subsets, state save/restore, 8-bit state size, non-finite gradients, bad input."""
 from __future__ import annotations
 
-import io
-import warnings
 
 import pytest
 import torch

@@ -39,28 +39,36 @@ def _params(shapes, seed=0):
     return [torch.randn(*s, generator=g) * 0.1 for s in shapes]
 
 
-def test_adamw_equals_torch_adamw_exactly():
+@pytest.mark.parametrize("foreach", [False, True], ids=["single_tensor", "multi_tensor"])
+def test_adamw_equals_torch_adamw_exactly(foreach):
+    """step() (multi-tensor for the fp32 group) and step_param() (one tensor, the layer-wise path) both equal
+    torch.optim.AdamW in either implementation, bit for bit, including a parameter whose gradient is missing
+    at one step (its own step count lags behind the others')."""
     shapes = [(40, 24), (24,), (8, 8, 3)]
     init = _params(shapes)
     grads = [[torch.randn(*s) for _ in range(5)] for s in shapes]
     cfg = OptimConfig(name="adamw", lr=3e-3, weight_decay=0.1, beta1=0.8, beta2=0.95, eps=1e-7)
     ours = [nn.Parameter(x.clone()) for x in init]
+    per_param = [nn.Parameter(x.clone()) for x in init]
     ref = [nn.Parameter(x.clone()) for x in init]
     opt = build_optimizer([(f"w{i}", p) for i, p in enumerate(ours)], cfg)
+    popt = build_optimizer([(f"w{i}", p) for i, p in enumerate(per_param)], cfg)
     ropt = torch.optim.AdamW(ref, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, foreach=False)
+                             weight_decay=cfg.weight_decay, foreach=foreach)
     for t in range(5):
         lr = cfg.lr * (t + 1) / 5           # the train loop changes group["lr"] every step
-        for group in opt.param_groups:
-            group["lr"] = lr
-        for group in ropt.param_groups:
-            group["lr"] = lr
-        for p, q, gs in zip(ours, ref, grads):
-            p.grad, q.grad = gs[t].clone(), gs[t].clone()
+        for o in (opt, popt, ropt):
+            for group in o.param_groups:
+                group["lr"] = lr
+        for i, (p, pp, q, gs) in enumerate(zip(ours, per_param, ref, grads)):
+            g = None if (i, t) == (1, 2) else gs[t]
+            p.grad, pp.grad, q.grad = [None if g is None else g.clone() for _ in range(3)]
         opt.step()
+        for p in per_param:
+            popt.step_param(p)
         ropt.step()
-    for p, q in zip(ours, ref):
-        assert torch.equal(p, q)
+    for p, pp, q in zip(ours, per_param, ref):
+        assert torch.equal(p, q) and torch.equal(pp, q)
 
 
 def test_adamw8bit_equals_bitsandbytes():
