@@ -3,6 +3,7 @@
     python tools/estimate_memory.py --model llama_1b --optim rgp8bit --rank 512 --world-size 8 --zero 2 --micro-batch 16
     python tools/estimate_memory.py --model 60m --optim adamw --world-size 1 --zero 0 --micro-batch 32 --dtype fp32
     python tools/estimate_memory.py --check      # estimate vs measured optimizer state (tiny and 60m, world size 1)
+    python bench/memtrack.py                     # activations and peak vs a fake-tensor measurement (60m, 1b)
 
 Prints a table (one row per component, for the worst rank) and then one JSON line with every figure in bytes.
 
@@ -25,21 +26,46 @@ Accounting, per rank, for the rank with the most (optimizer state + fp32 masters
                   (proj_type left/right: basis and moments follow the chosen side instead of min/max.)
 - masters: fp32 copies of the owned parameters when --dtype is bf16 (4 x owned numel), 0 for fp32.
 - comm_buffer: one fp32 bucket of the gradient collectives (optim.sharded.BUCKET_BYTES, or the model if smaller).
-- activations (ESTIMATE): saved-for-backward tensors of our model (model/llama.py) with SDPA, counted op by op,
-  b = activation bytes (2 for bf16, 4 for fp32), per token:
-    per layer:  dim x (8 + 9 b) + intermediate x 4 b
-                (each RMSNorm: its fp32 input copy 4 + its output b, and the norm's result b saved by the next
-                matmul; q, k, v after RoPE 3 b; the SDPA output and its reshaped copy for o_proj 2 b; MLP:
-                gate, silu(gate), up and their product 4 b x intermediate)
-    once:       dim x (b + 4 + 2 b) (embedding output, final norm) + vocab x (b + 4 + 4)
-                (the logits, the fp32 log-softmax saved by cross_entropy, and the fp32 logits gradient)
-  times micro_batch x seq_len tokens; with --attention math (no flash / memory-efficient kernel) add
-  2 b x heads x seq_len^2 per sequence per layer (scores and softmax). Allocator fragmentation, the CUDA
-  context (~0.5-1 GiB) and temporaries inside kernels are not counted.
-- peak: max(backward phase = weights + grads_backward + optimizer_state + masters + activations,
-            step phase = weights + grads_step + optimizer_state + masters + comm_buffer + the largest
-            single parameter's fp32 temporaries in the update, ~3 x 4 x numel).
-  The backward figure is an upper bound: activations are released layer by layer while gradients appear.
+- activations (ESTIMATE): the tensors made in forward that are alive when backward starts: what autograd saves
+  in our model (model/llama.py), counted op by op, and the logits train.py holds. b = activation bytes (2 for
+  bf16, 4 for fp32), per token:
+    per layer:  dim x (8 + 8 b) + intermediate x 4 b + 8 + heads x 4
+                each RMSNorm (two): its fp32 input (the copy made by x.float(); in fp32 the input itself) 4,
+                  the normalised tensor before the weight b, its output b (saved by the next matmul), and the
+                  fp32 rsqrt, one value per token;
+                attention: q, k, v after RoPE 3 b and the SDPA output b, plus the kernel's fp32 logsumexp,
+                  heads x 4. o_proj's input is a VIEW of the output, not a copy: q, k, v keep the projections'
+                  (B, T, H, hd) memory layout through RoPE's elementwise ops, and the flash and memory-efficient
+                  kernels (CPU and CUDA) allocate their output in q's layout;
+                MLP: gate, silu(gate), up and their product 4 b x intermediate.
+    once:       dim x (4 + 2 b) + 4 (the final norm) + vocab x (4 + b): the fp32 log-softmax saved by
+                cross_entropy, and the logits: autograd does not save them, but train.py's `_, loss = model(x, y)`
+                holds them in `_` until the next forward (through backward and the optimizer step).
+                Not saved: the embedding output (only added to the residual).
+  times micro_batch x seq_len tokens. --attention math (no flash / memory-efficient kernel): the softmax output
+  b x heads x seq_len^2 per sequence per layer is saved (by softmax and by the product with v; the scores before
+  it are not), scaled q and k replace q and k, the reshape for o_proj becomes a copy that replaces the output
+  (same bytes), and there is no logsumexp: + b x heads x seq_len^2 - 4 x heads x seq_len per sequence per layer.
+  Checked against a measurement (bench/memtrack.py, tests/tools/test_estimate_memory.py): fake tensors under
+  torch's MemTracker, where SDPA runs the CPU flash kernel, which saves what the CUDA flash kernel saves.
+- loss_backward_temporaries: the first backward ops hold two fp32 (tokens, vocab) tensors besides the saved
+  log-softmax: nll_loss's gradient and log_softmax's input gradient, 2 x 4 x vocab per token. At the start of
+  backward this is the largest transient (every layer's activations are still alive).
+- peak: max(backward phase, step phase), with base = weights + optimizer_state + masters (alive all step long
+  from the second step on):
+    backward, --grad-accum 1: base + max(activations + loss_backward_temporaries, grads_backward). Gradients are
+      None when backward starts (zero_grad(set_to_none=True)); layer by layer the activations are released as
+      gradients appear, and both change linearly, so the peak is at one end: the start (activations + loss
+      temporaries) or the end (every gradient).
+    backward, --grad-accum > 1: base + grads_backward + activations + loss_backward_temporaries: the earlier
+      micro-batches' gradients are alive through the later backward passes. The c4 recipes (global_batch 512)
+      run grad_accum = 512 / (micro_batch x world size), e.g. 4 for the 1B at 16 x 8 GPUs.
+    step: base + grads_step + comm_buffer + logits_held (b x vocab x tokens, the `_` above) + step_temporaries,
+      the larger of: the fp32 Adam group's multi-tensor update (LowRankAdamW._step_adam_foreach: one fp32
+      sqrt(v) per parameter, all at once, 4 x the owned numel of the non-8-bit, non-projected parameters, i.e.
+      every parameter for adamw), and the per-parameter paths (8-bit, GaLore/RGP projections) one parameter at
+      a time, ~3 x 4 x the largest owned numel.
+  Not counted: allocator fragmentation, the CUDA context (~0.5-1 GiB), workspaces inside kernels.
 """
 from __future__ import annotations
 
@@ -111,18 +137,27 @@ def activation_bytes(dims: dict, micro_batch: int, seq_len: int, b: int, attenti
     dim, inter, layers, heads, vocab = (dims["dim"], dims["intermediate_size"], dims["n_layers"],
                                         dims["n_heads"], dims["vocab_size"])
     tokens = micro_batch * seq_len
-    per_layer = tokens * (dim * (8 + 9 * b) + inter * 4 * b)
-    if attention == "math":
-        per_layer += micro_batch * 2 * b * heads * seq_len ** 2
-    once = tokens * (dim * (b + 4 + 2 * b) + vocab * (b + 4 + 4))
+    norm = dim * (4 + 2 * b) + 4                 # fp32 input, normalised (b), output (b), fp32 rsqrt per token
+    attn = 4 * b * dim + 4 * heads               # q, k, v, output; fp32 logsumexp per head
+    mlp = 4 * b * inter                          # gate, silu(gate), up, product
+    per_layer = tokens * (2 * norm + attn + mlp)
+    if attention == "math":                      # softmax output saved, no logsumexp
+        per_layer += micro_batch * (b * heads * seq_len ** 2 - 4 * heads * seq_len)
+    once = tokens * (norm + (4 + b) * vocab)     # final norm; fp32 log-softmax; logits held by train.py
     return layers * per_layer + once
+
+
+def loss_backward_bytes(vocab: int, micro_batch: int, seq_len: int) -> int:
+    """The two fp32 (tokens, vocab) gradients alive at the start of backward (module docstring)."""
+    return 2 * 4 * vocab * micro_batch * seq_len
 
 
 # --------------------------------------------------------------------------------------------- estimate
 
 def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, world_size: int = 8, zero: int = 2,
              micro_batch: int = 16, seq_len: int = 256, dtype: str = "bf16", vocab: int = 32000,
-             attention: str = "flash", proj_type: str = "std", oversampling: int = 2, power_iters: int = 0) -> dict:
+             attention: str = "flash", proj_type: str = "std", oversampling: int = 2, power_iters: int = 0,
+             grad_accum: int = 1) -> dict:
     """Per-rank memory figures in bytes (see the module docstring); pure apart from reading the size table."""
     if optim not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optim!r}; use one of {', '.join(OPTIMIZERS)}")
@@ -130,6 +165,8 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
     if zero not in (0, 1, 2):
         raise ValueError(f"--zero must be 0, 1 or 2 (ownership sharding keeps full weights: no stage 3), got {zero}")
+    if grad_accum < 1:
+        raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
     b = DTYPE_BYTES[dtype]
     cfg = OptimConfig(name=optim, rank=rank, proj_type=proj_type, oversampling=oversampling, power_iters=power_iters)
     dims = model_dims(model, vocab, seq_len)
@@ -142,7 +179,10 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         per_rank.append({"rank": r, "params": len(owned), "owned_numel": owned_numel,
                          "optimizer_state": sum(state_bytes(n, shapes[n], cfg) for n in owned),
                          "masters": 4 * owned_numel if dtype == "bf16" else 0,
-                         "largest_owned": max((numel_of(shapes[n]) for n in owned), default=0)})
+                         "largest_owned": max((numel_of(shapes[n]) for n in owned), default=0),
+                         # fp32 Adam parameters stepped together by the multi-tensor path (module docstring)
+                         "foreach_numel": 0 if optim.endswith("8bit") else
+                         sum(numel_of(shapes[n]) for n in owned if not is_projected(n, shapes[n], cfg))})
     worst = max(per_rank, key=lambda x: (x["optimizer_state"] + x["masters"], -x["rank"]))
     total_numel = sum(numel_of(s) for s in shapes.values())
     owned_grad_b = 4 if dtype == "bf16" else b         # owned grads live on the fp32 masters under bf16
@@ -152,7 +192,8 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         grads_step = (total_numel - worst["owned_numel"]) * b + worst["owned_numel"] * owned_grad_b
     out = {
         "model": model, "optim": optim, "rank": rank, "world_size": world_size, "zero": zero,
-        "micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "vocab": vocab, "attention": attention,
+        "micro_batch": micro_batch, "seq_len": seq_len, "grad_accum": grad_accum, "dtype": dtype, "vocab": vocab,
+        "attention": attention,
         "params": total_numel, "worst_rank": worst["rank"],
         "weights": total_numel * b,
         "grads_backward": total_numel * b,
@@ -161,13 +202,22 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         "masters": worst["masters"],
         "comm_buffer": min(BUCKET_BYTES, total_numel * 4) if world_size > 1 else 0,
         "activations_estimate": activation_bytes(dims, micro_batch, seq_len, b, attention),
+        "loss_backward_temporaries": loss_backward_bytes(vocab, micro_batch, seq_len),
+        "logits_held": b * vocab * micro_batch * seq_len,     # part of activations_estimate too
+        "step_temporaries": max(4 * worst["foreach_numel"], 3 * 4 * worst["largest_owned"]),
         "optimizer_state_per_rank": [x["optimizer_state"] for x in per_rank],
         "optimizer_state_total": sum(x["optimizer_state"] for x in per_rank),
     }
-    backward = (out["weights"] + out["grads_backward"] + out["optimizer_state"] + out["masters"]
-                + out["activations_estimate"])
-    step = (out["weights"] + grads_step + out["optimizer_state"] + out["masters"] + out["comm_buffer"]
-            + 3 * 4 * worst["largest_owned"])
+    base = out["weights"] + out["optimizer_state"] + out["masters"]      # alive all step long from step 2 on
+    start = out["activations_estimate"] + out["loss_backward_temporaries"]
+    if grad_accum == 1:
+        # grads are None when backward starts and activations go as grads come: the peak is at one end
+        backward = base + max(start, out["grads_backward"])
+    else:
+        # earlier micro-batches' grads are alive through the later backward passes
+        backward = base + out["grads_backward"] + start
+    # train.py still holds the last micro-batch's logits during the step
+    step = base + grads_step + out["comm_buffer"] + out["logits_held"] + out["step_temporaries"]
     out.update({"peak_backward": backward, "peak_step": step, "peak": max(backward, step)})
     return out
 
@@ -188,12 +238,15 @@ def table(est: dict) -> str:
             ("fp32 master copies (owned)", "masters"),
             ("gradient bucket (fp32)", "comm_buffer"),
             ("activations (ESTIMATE)", "activations_estimate"),
+            ("loss backward temporaries (fp32)", "loss_backward_temporaries"),
+            ("optimizer step temporaries (fp32)", "step_temporaries"),
             ("peak, backward phase", "peak_backward"),
             ("peak, optimizer step", "peak_step"),
             ("PEAK per GPU", "peak")]
     head = (f"{est['model']} ({est['params'] / 1e6:.1f}M params, vocab {est['vocab']}), {est['optim']}"
             f"{' rank ' + str(est['rank']) if 'adamw' not in est['optim'] else ''}, world {est['world_size']}, "
-            f"ZeRO-{est['zero']}, micro-batch {est['micro_batch']} x {est['seq_len']}, {est['dtype']}")
+            f"ZeRO-{est['zero']}, micro-batch {est['micro_batch']} x {est['seq_len']}, grad accum {est['grad_accum']}, "
+            f"{est['dtype']}")
     width = max(len(r[0]) for r in rows)
     lines = [head, "-" * len(head)]
     lines += [f"{label:<{width}}  {human(est[key]):>12}" for label, key in rows]
@@ -247,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2))
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (> 1: their gradients are alive during backward)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--attention", default="flash", choices=("flash", "math"),
@@ -259,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         est = estimate(model=args.model, optim=args.optim, rank=args.rank, world_size=args.world_size,
                        zero=args.zero, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
-                       vocab=args.vocab, attention=args.attention, proj_type=args.proj_type)
+                       vocab=args.vocab, attention=args.attention, proj_type=args.proj_type,
+                       grad_accum=args.grad_accum)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,3 +49,19 @@ def test_cli_prints_table_and_json(capsys):
 def test_bad_rank_is_one_line(capsys):
     assert main(["--model", "tiny", "--optim", "galore", "--rank", "999", "--world-size", "1", "--vocab", "8192"]) == 2
     assert "exceeds min(m, n)" in capsys.readouterr().err
+
+
+# 60m at the bench's size (micro batch 16 x 256): ~3 s each on 2 CPU cores, since fake tensors allocate nothing.
+# bf16 + flash is what runs on GPUs; fp32 + math checks the materialised-attention term (the CPU math kernel upcasts
+# bf16 to fp32, so it is only comparable in fp32; see bench/memtrack.py).
+@pytest.mark.parametrize("dtype,attention", [("bf16", "flash"), ("fp32", "math")])
+def test_activation_and_peak_estimate_match_fake_tensor_measurement(dtype, attention):
+    from bench.memtrack import compare
+    rec = compare(model="60m", dtype=dtype, micro_batch=16, seq_len=256, attention=attention)
+    if attention == "flash":   # the CPU flash kernel saves what the CUDA flash kernel saves: like for like
+        assert "aten._scaled_dot_product_flash_attention_for_cpu" in rec["sdpa_ops"], rec["sdpa_ops"]
+    got, est = rec["measured"], rec["estimate"]
+    for key in ("activations", "peak_backward", "peak_step", "peak"):
+        assert abs(est[key] - got[key]) / got[key] <= 0.10, (key, est[key], got[key])
+    # the backward peak is the start of backward here (activations, no gradient yet), which the estimate models
+    assert rec["measured_backward_by_category"]["gradients"] == 0
