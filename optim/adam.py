@@ -43,6 +43,8 @@ import torch
 
 from optim import projection as proj
 
+FOREACH_CHUNK_NUMEL = 2**24   # the multi-tensor Adam update runs over chunks of at most this many elements (or one
+                              # bigger tensor): its fp32 temporaries stay ~64 MiB instead of 4 bytes x the model
 BLOCKSIZE = 256          # bnb's 8-bit optimizers use blockwise quantization with 256-value blocks
 MIN_8BIT_SIZE = 4096     # bnb's min_8bit_size: smaller tensors keep fp32 state
 
@@ -355,10 +357,10 @@ class LowRankAdamW(torch.optim.Optimizer):
                 state.update(init_moments(p, 32))
             state["step"] += 1
             batch.append(p)
-        if batch:
-            beta1, beta2 = group["betas"]
-            states = [self.state[p] for p in batch]
-            adamw_update_foreach(batch, [p.grad for p in batch], [s["exp_avg"] for s in states],
+        beta1, beta2 = group["betas"]
+        for chunk in _chunks(batch, FOREACH_CHUNK_NUMEL):
+            states = [self.state[p] for p in chunk]
+            adamw_update_foreach(chunk, [p.grad for p in chunk], [s["exp_avg"] for s in states],
                                  [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group["lr"],
                                  beta1, beta2, group["eps"], group["weight_decay"])
         return rest
@@ -394,6 +396,19 @@ class LowRankAdamW(torch.optim.Optimizer):
             p = params[idx]
             self.state[p] = {k: (v.detach().clone().to(p.device) if torch.is_tensor(v) else v)
                              for k, v in st.items()}
+
+
+def _chunks(params: list, max_numel: int):
+    """Consecutive runs of `params` of at most `max_numel` elements (a bigger tensor is a run of its own)."""
+    run, used = [], 0
+    for p in params:
+        if run and used + p.numel() > max_numel:
+            yield run
+            run, used = [], 0
+        run.append(p)
+        used += p.numel()
+    if run:
+        yield run
 
 
 def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:

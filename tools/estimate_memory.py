@@ -62,9 +62,10 @@ Accounting, per rank, for the rank with the most (optimizer state + fp32 masters
       run grad_accum = 512 / (micro_batch x world size), e.g. 4 for the 1B at 16 x 8 GPUs.
     step: base + grads_step + comm_buffer + logits_held (b x vocab x tokens, the `_` above) + step_temporaries,
       the larger of: the fp32 Adam group's multi-tensor update (LowRankAdamW._step_adam_foreach: one fp32
-      sqrt(v) per parameter, all at once, 4 x the owned numel of the non-8-bit, non-projected parameters, i.e.
-      every parameter for adamw), and the per-parameter paths (8-bit, GaLore/RGP projections) one parameter at
-      a time, ~3 x 4 x the largest owned numel.
+      sqrt(v) per parameter of a chunk of at most optim.adam.FOREACH_CHUNK_NUMEL elements, so 4 x min(the
+      owned numel of the non-8-bit, non-projected parameters, the chunk or the largest of them)), and the
+      per-parameter paths (8-bit, GaLore/RGP projections) one parameter at a time, ~3 x 4 x the largest
+      numel stepped that way.
   Not counted: allocator fragmentation, the CUDA context (~0.5-1 GiB), workspaces inside kernels.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from config import OptimConfig  # noqa: E402
-from optim.adam import BLOCKSIZE, MIN_8BIT_SIZE  # noqa: E402
+from optim.adam import BLOCKSIZE, FOREACH_CHUNK_NUMEL, MIN_8BIT_SIZE  # noqa: E402
 from optim.projection import check_rank, choose_side  # noqa: E402
 from optim.sharded import BUCKET_BYTES, is_projected, plan_ownership, tensor_bytes  # noqa: E402
 
@@ -172,6 +173,9 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
     dims = model_dims(model, vocab, seq_len)
     shapes = param_shapes(dims)
     plan = plan_ownership(shapes, world_size, cfg)
+    def foreach(n):   # stepped by the multi-tensor fp32 Adam path (optim/adam.py, LowRankAdamW._step_adam_foreach)
+        return not optim.endswith("8bit") and not is_projected(n, shapes[n], cfg)
+
     per_rank = []
     for r in range(world_size):
         owned = [n for n in shapes if plan[n] == r]
@@ -181,8 +185,10 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
                          "masters": 4 * owned_numel if dtype == "bf16" else 0,
                          "largest_owned": max((numel_of(shapes[n]) for n in owned), default=0),
                          # fp32 Adam parameters stepped together by the multi-tensor path (module docstring)
-                         "foreach_numel": 0 if optim.endswith("8bit") else
-                         sum(numel_of(shapes[n]) for n in owned if not is_projected(n, shapes[n], cfg))})
+                         "foreach_numel": sum(numel_of(shapes[n]) for n in owned if foreach(n)),
+                         "largest_foreach": max((numel_of(shapes[n]) for n in owned if foreach(n)), default=0),
+                         "largest_per_param": max((numel_of(shapes[n]) for n in owned if not foreach(n)),
+                                                  default=0)})
     worst = max(per_rank, key=lambda x: (x["optimizer_state"] + x["masters"], -x["rank"]))
     total_numel = sum(numel_of(s) for s in shapes.values())
     owned_grad_b = 4 if dtype == "bf16" else b         # owned grads live on the fp32 masters under bf16
@@ -204,7 +210,8 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         "activations_estimate": activation_bytes(dims, micro_batch, seq_len, b, attention),
         "loss_backward_temporaries": loss_backward_bytes(vocab, micro_batch, seq_len),
         "logits_held": b * vocab * micro_batch * seq_len,     # part of activations_estimate too
-        "step_temporaries": max(4 * worst["foreach_numel"], 3 * 4 * worst["largest_owned"]),
+        "step_temporaries": max(4 * min(worst["foreach_numel"], max(FOREACH_CHUNK_NUMEL, worst["largest_foreach"])),
+                                3 * 4 * worst["largest_per_param"]),
         "optimizer_state_per_rank": [x["optimizer_state"] for x in per_rank],
         "optimizer_state_total": sum(x["optimizer_state"] for x in per_rank),
     }
