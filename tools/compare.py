@@ -163,7 +163,7 @@ def plot(runs: list[tuple[str, list[dict]]], x: str, out: Path) -> Path:
 
 
 def default_out(run_dirs: list[Path]) -> Path:
-    """One run: its own plots/ folder (DESIGN.md §1); several: ./compare.png (no run owns the comparison)."""
+    """One run: its own plots/ folder (docs/design.md §1); several: ./compare.png (no run owns the comparison)."""
     if len(run_dirs) == 1:
         return run_dirs[0] / "plots" / "curves.png"
     return Path("compare.png")

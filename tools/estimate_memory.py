@@ -1,4 +1,4 @@
-"""Per-GPU memory of a training run under our whole-matrix ownership sharding (DESIGN.md §5), before renting GPUs.
+"""Per-GPU memory of a training run under our whole-matrix ownership sharding (docs/design.md §5), before renting GPUs.
 
     python tools/estimate_memory.py --model llama_1b --optim rgp8bit --rank 512 --world-size 8 --zero 2 --micro-batch 16
     python tools/estimate_memory.py --model 60m --optim adamw --world-size 1 --zero 0 --micro-batch 32 --dtype fp32

@@ -1,4 +1,4 @@
-"""Read a run directory (DESIGN.md §1: config.toml, metrics.jsonl, checkpoints/, plots/) for the tools.
+"""Read a run directory (docs/design.md §1: config.toml, metrics.jsonl, checkpoints/, plots/) for the tools.
 
     from tools.runs import read_metrics, read_config, is_run_dir
     records = read_metrics("runs/tiny_rgp")     # deduplicated, in step order
