@@ -1,4 +1,5 @@
 """Single-process tests of the ownership plan and of the world-size-1 pass-through."""
+import importlib
 import random
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_common as C  # noqa: E402
 
 from model.llama import build_model  # noqa: E402
+from optim import build_optimizer  # noqa: E402
 from optim.deepspeed_glue import DeepSpeedConfigError, read_deepspeed_config  # noqa: E402
 from optim.sharded import (ShardedOptimizer, load_optimizer_shards, param_cost, plan_ownership, plan_summary,  # noqa: E402
                            save_optimizer_shards)
@@ -45,18 +47,27 @@ def test_plan_balances_state(name, size, world):
     assert s["state_imbalance"] <= max(1.10, floor * 1.001), s
 
 
+def test_a_broken_optim_fails_the_tests_instead_of_a_stand_in(monkeypatch):
+    """The shared test code uses optim itself: an optim that does not import must fail these tests, not be
+    replaced by a torch AdamW stand-in under which they would pass."""
+    monkeypatch.setitem(sys.modules, "optim", None)          # `import optim` now raises ImportError
+    monkeypatch.delitem(sys.modules, "_dist_common")         # restored after the test
+    with pytest.raises(ImportError):
+        importlib.import_module("_dist_common")
+
+
 def test_world_larger_than_params_is_refused():
     shapes = {"a": (4, 4), "b": (4,)}
     with pytest.raises(ValueError, match="at most 2"):
         plan_ownership(shapes, 3, C.make_cfg("adamw"))
 
 
-@pytest.mark.parametrize("name", C.available_names())
+@pytest.mark.parametrize("name", C.ALL_NAMES)
 def test_world_size_one_is_the_bare_optimizer(name):
     cfg = C.make_cfg(name)
     m1, m2 = C.tiny_model(), C.tiny_model()
-    opt = ShardedOptimizer(list(m1.named_parameters()), cfg, build_inner=C.builder())
-    ref = C.builder()(list(m2.named_parameters()), cfg)
+    opt = ShardedOptimizer(list(m1.named_parameters()), cfg)
+    ref = build_optimizer(list(m2.named_parameters()), cfg)
     assert opt.world_size == 1 and not opt.distributed and len(opt.owned) == len(list(m1.parameters()))
     for step in range(C.STEPS):
         batch = C.global_batch(step)
@@ -76,9 +87,9 @@ def test_world_size_one_is_the_bare_optimizer(name):
 
 
 def test_state_dict_by_name_roundtrip(tmp_path):
-    cfg = C.make_cfg("galore" if "galore" in C.available_names() else "adamw")
+    cfg = C.make_cfg("galore")
     model = C.tiny_model()
-    opt = ShardedOptimizer(list(model.named_parameters()), cfg, build_inner=C.builder())
+    opt = ShardedOptimizer(list(model.named_parameters()), cfg)
     C.train(model, opt, 0, 3)
     sd = opt.state_dict()
     assert set(sd["state"]) <= {n for n, _ in model.named_parameters()} and sd["world_size"] == 1
@@ -88,9 +99,9 @@ def test_state_dict_by_name_roundtrip(tmp_path):
     save_optimizer_shards(opt, tmp_path / "ck")
     m2 = C.tiny_model(seed=5)
     m2.load_state_dict(model.state_dict())
-    opt2 = ShardedOptimizer(list(m2.named_parameters()), cfg, build_inner=C.builder())
+    opt2 = ShardedOptimizer(list(m2.named_parameters()), cfg)
     opt2.load_state_dict(sd2)
-    opt3 = ShardedOptimizer(list(m2.named_parameters()), cfg, build_inner=C.builder())
+    opt3 = ShardedOptimizer(list(m2.named_parameters()), cfg)
     load_optimizer_shards(opt3, tmp_path / "ck")
     for a, b in ((opt.state_dict(), opt2.state_dict()), (opt.state_dict(), opt3.state_dict())):
         for n, st in a["state"].items():
@@ -100,7 +111,7 @@ def test_state_dict_by_name_roundtrip(tmp_path):
 
 def test_bf16_single_process_keeps_fp32_masters():
     model = C.tiny_model(dtype=torch.bfloat16)
-    opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg("adamw"), build_inner=C.builder())
+    opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg("adamw"))
     C.train(model, opt, 0, 1)
     assert set(opt.masters) == {n for n, _ in model.named_parameters()}
     assert all(m.dtype == torch.float32 for m in opt.masters.values())

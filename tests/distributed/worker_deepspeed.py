@@ -37,14 +37,12 @@ def main(out: Path, names: list[str]):
     torch.set_num_threads(1)
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")   # before any ShardedOptimizer is built
-    build = C.builder()
     res = {}
     for name in names:
         for stage in (1, 2):
             model = C.tiny_model()
             ds = read_deepspeed_config(ds_config(out, stage), 2)
-            opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), build_inner=build,
-                                   grad_mode=ds.grad_mode)
+            opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), grad_mode=ds.grad_mode)
             t0 = time.time()
             engine = init_deepspeed(model, opt, ds)
             print(f"[rank {dist.get_rank()}] {name} zero{stage} init {time.time() - t0:.1f}s", flush=True)
@@ -74,8 +72,7 @@ def main(out: Path, names: list[str]):
     path.write_text(json.dumps(conf))
     ds = read_deepspeed_config(path, 2)
     model = C.tiny_model(dtype=torch.bfloat16 if ds.bf16 else torch.float32)
-    made = {"opt": ShardedOptimizer(list(model.named_parameters()), C.make_cfg(names[0]), build_inner=build,
-                                    grad_mode=ds.grad_mode)}
+    made = {"opt": ShardedOptimizer(list(model.named_parameters()), C.make_cfg(names[0]), grad_mode=ds.grad_mode)}
     engine = init_deepspeed(model, made["opt"], ds)
     C.train(model, made["opt"], 0, 2, dist.get_rank(), dist.get_world_size(), accum=ACCUM, engine=engine)
     res["bf16/engine_optimizer"] = type(engine.optimizer).__name__

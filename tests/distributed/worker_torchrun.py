@@ -19,11 +19,10 @@ def main(out: Path, ckpt1: Path, names: list[str]):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    build = C.builder()
     res = {}
 
     def sharded(model, name, mode):
-        return ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), build_inner=build, grad_mode=mode)
+        return ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name), grad_mode=mode)
 
     for name in names:
         for mode in ("allreduce", "reduce"):
