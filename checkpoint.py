@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import checkpoint_files
 from optim.sharded import load_optimizer_shards, save_optimizer_shards
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
@@ -40,11 +38,12 @@ def _barrier() -> None:
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
-    root = Path(out_dir) / "checkpoints"
+    root = Path(out_dir) / checkpoint_files.CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    step_dir = checkpoint_files.STEP_DIR
+    found = [p for p in root.iterdir() if step_dir.match(p.name) and (p / checkpoint_files.META).is_file()]
+    return sorted(found, key=lambda p: int(step_dir.match(p.name).group(1)))
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
@@ -55,8 +54,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
         found = complete_checkpoints(out_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"--train.resume={resume!r} is not a complete checkpoint (no meta.json); "
+    if not (path / checkpoint_files.META).is_file():
+        raise CheckpointError(f"--train.resume={resume!r} is not a complete checkpoint (no {checkpoint_files.META}); "
                               f"pass a step_* directory under RUN/checkpoints or --train.resume=auto")
     return path
 
@@ -74,33 +73,33 @@ def _load(path: Path):
 
 def read_meta(ckpt: Path) -> dict:
     try:
-        return json.loads((Path(ckpt) / "meta.json").read_text())
+        return json.loads((Path(ckpt) / checkpoint_files.META).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt}/meta.json is unreadable ({type(e).__name__}); "
+        raise CheckpointError(f"{Path(ckpt) / checkpoint_files.META} is unreadable ({type(e).__name__}); "
                               f"resume from another step_* directory with --train.resume=PATH") from None
 
 
 def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer, batches,
                     rank: int, keep_last: int = 0) -> Path:
     """Collective: every rank calls it at the same step."""
-    root = Path(out_dir) / "checkpoints"
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.tmp"
+    root = Path(out_dir) / checkpoint_files.CHECKPOINTS
+    final = root / checkpoint_files.step_dir(step)
+    tmp = root / checkpoint_files.tmp_step_dir(step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written attempt at this step
         tmp.mkdir(parents=True)
     _barrier()
     if rank == 0:
-        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save(model.state_dict(), tmp / checkpoint_files.MODEL)
     save_optimizer_shards(optimizer, tmp)
     for s, state in batches.state_dicts().items():
-        torch.save(state, tmp / f"data_stream{s:03d}.pt")
+        torch.save(state, tmp / checkpoint_files.data_stream_file(s))
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)},
-               tmp / f"rng_rank{rank:05d}.pt")
+               tmp / checkpoint_files.rng_file(rank))
     _barrier()
     if rank == 0:
-        with open(tmp / "meta.json", "w") as f:
+        with open(tmp / checkpoint_files.META, "w") as f:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
@@ -118,21 +117,21 @@ def load_checkpoint(ckpt: Path, model, optimizer, batches, rank: int, num_stream
     """Restore everything this rank needs; checks completeness before touching any state."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    missing = [name for name in ["model.pt"] + [f"data_stream{s:03d}.pt" for s in range(num_streams)]
-               if not (ckpt / name).is_file()]
+    names = [checkpoint_files.MODEL] + [checkpoint_files.data_stream_file(s) for s in range(num_streams)]
+    missing = [name for name in names if not (ckpt / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} lacks {missing[0]}"
                               f"{f' and {len(missing) - 1} more files' if len(missing) > 1 else ''}; "
                               f"resume from another step_* directory with --train.resume=PATH")
-    state = _load(ckpt / "model.pt")
+    state = _load(ckpt / checkpoint_files.MODEL)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt} holds a different model ({str(e).splitlines()[0]}); "
-                              f"resume with the run's own --model.* settings (see {ckpt}/meta.json)") from None
+                              f"resume with the run's own --model.* settings (see {ckpt / checkpoint_files.META})") from None
     load_optimizer_shards(optimizer, ckpt)
-    batches.load_state_dicts({s: _load(ckpt / f"data_stream{s:03d}.pt") for s in batches.streams})
-    rng_file = ckpt / f"rng_rank{rank:05d}.pt"
+    batches.load_state_dicts({s: _load(ckpt / checkpoint_files.data_stream_file(s)) for s in batches.streams})
+    rng_file = ckpt / checkpoint_files.rng_file(rank)
     if rng_file.is_file():  # absent when resuming on more ranks than the checkpoint had: nothing random is used
         rng = _load(rng_file)
         torch.set_rng_state(rng["cpu"])

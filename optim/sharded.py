@@ -53,6 +53,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+import checkpoint_files
+
 FORMAT_VERSION = 1
 BUCKET_BYTES = 64 * 2**20          # flatten gradients / weights into collectives of at most this size
 ADAM_ONLY_HINTS = ("embed", "lm_head")
@@ -512,24 +514,21 @@ class ShardedOptimizer:
 # --------------------------------------------------------------------------------------------------
 # Sharded checkpoints
 
-def _shard_file(rank: int) -> str:
-    return f"optim_rank{rank:05d}.pt"
-
-
 def save_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
     """Every rank writes optim_rank{r:05d}.pt (its owned state); rank 0 writes optim_manifest.json."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / _shard_file(opt.rank)
-    tmp = path.with_suffix(".pt.tmp")
+    path = ckpt_dir / checkpoint_files.optim_file(opt.rank)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(opt.state_dict(), tmp)
     os.replace(tmp, path)
     if opt.rank == 0:
         manifest = {"format": FORMAT_VERSION, "world_size": opt.world_size, "optimizer": opt.cfg.name,
-                    "files": [_shard_file(r) for r in range(opt.world_size)], "plan": opt.plan}
-        tmp = ckpt_dir / "optim_manifest.json.tmp"
+                    "files": [checkpoint_files.optim_file(r) for r in range(opt.world_size)], "plan": opt.plan}
+        path = ckpt_dir / checkpoint_files.OPTIM_MANIFEST
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, ckpt_dir / "optim_manifest.json")
+        os.replace(tmp, path)
     if opt.distributed:
         dist.barrier(group=opt.group)
 
@@ -541,7 +540,7 @@ def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
     (no collective is involved, nothing hangs). Also refreshes fp32 masters from the weights.
     """
     ckpt_dir = Path(ckpt_dir)
-    mpath = ckpt_dir / "optim_manifest.json"
+    mpath = ckpt_dir / checkpoint_files.OPTIM_MANIFEST
     if not mpath.is_file():
         raise FileNotFoundError(f"optimizer checkpoint manifest {mpath} is missing; the checkpoint is incomplete")
     manifest = json.loads(mpath.read_text())

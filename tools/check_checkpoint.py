@@ -30,7 +30,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from checkpoint import STEP_DIR, complete_checkpoints  # noqa: E402
+import checkpoint_files  # noqa: E402
+from checkpoint import complete_checkpoints  # noqa: E402
 
 Result = tuple[bool, str, str]  # (passed, check name, detail or reason)
 
@@ -47,17 +48,17 @@ def _load(path: Path):
 
 
 def check_meta(ckpt: Path) -> tuple[Result, dict | None]:
-    path = ckpt / "meta.json"
+    name = checkpoint_files.META
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads((ckpt / name).read_text())
     except FileNotFoundError:
-        return (False, "meta.json", "meta.json is missing (an incomplete checkpoint)"), None
+        return (False, name, f"{name} is missing (an incomplete checkpoint)"), None
     except (OSError, json.JSONDecodeError) as e:
-        return (False, "meta.json", f"meta.json does not parse ({type(e).__name__})"), None
+        return (False, name, f"{name} does not parse ({type(e).__name__})"), None
     missing = [k for k in ("step", "config", "model_args") if k not in meta]
     if missing:
-        return (False, "meta.json", f"meta.json lacks {', '.join(missing)}"), None
-    return (True, "meta.json", f"step {meta['step']}, tokens {meta.get('tokens', '?')}, "
+        return (False, name, f"{name} lacks {', '.join(missing)}"), None
+    return (True, name, f"step {meta['step']}, tokens {meta.get('tokens', '?')}, "
                                f"world size {meta.get('world_size', '?')}"), meta
 
 
@@ -70,53 +71,55 @@ def expected_shapes(model_args: dict) -> dict[str, tuple]:
 
 
 def check_model(ckpt: Path, expected: dict[str, tuple]) -> Result:
-    state, err = _load(ckpt / "model.pt")
+    name, meta = checkpoint_files.MODEL, checkpoint_files.META
+    state, err = _load(ckpt / name)
     if err:
-        return False, "model.pt", err
+        return False, name, err
     if not isinstance(state, dict):
-        return False, "model.pt", f"model.pt holds a {type(state).__name__}, not a state_dict"
+        return False, name, f"{name} holds a {type(state).__name__}, not a state_dict"
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         what = f"lacks {missing[0]!r}" if missing else f"has unexpected {extra[0]!r}"
-        return False, "model.pt", (f"model.pt {what} ({len(missing)} missing, {len(extra)} unexpected keys "
-                                   f"vs meta.json model_args)")
+        return False, name, (f"{name} {what} ({len(missing)} missing, {len(extra)} unexpected keys "
+                             f"vs {meta} model_args)")
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            return False, "model.pt", f"model.pt {k!r} has shape {tuple(state[k].shape)}, meta.json implies {shape}"
+            return False, name, f"{name} {k!r} has shape {tuple(state[k].shape)}, {meta} implies {shape}"
     numel = sum(v.numel() for v in state.values())
-    return True, "model.pt", f"{len(state)} tensors, {numel / 1e6:.2f}M values, shapes match model_args"
+    return True, name, f"{len(state)} tensors, {numel / 1e6:.2f}M values, shapes match model_args"
 
 
-def _check_numbered(ckpt: Path, label: str, count, pattern: str, lacks: str) -> Result:
-    """Files pattern.format(0 .. count-1) all exist and load."""
+def _check_numbered(ckpt: Path, label: str, count, file_name, lacks: str) -> Result:
+    """Files file_name(0 .. count-1) all exist and load."""
     if not isinstance(count, int) or count < 1:
         return False, label, lacks
     for i in range(count):
-        _, err = _load(ckpt / pattern.format(i))
+        _, err = _load(ckpt / file_name(i))
         if err:
             return False, label, err
-    return True, label, f"{count} {pattern.split('{')[0]}*.pt files load"
+    files = file_name(0) if count == 1 else f"{file_name(0)} .. {file_name(count - 1)}"
+    return True, label, f"{count} file(s) {files} load"
 
 
 def check_data_streams(ckpt: Path, config: dict) -> Result:
     return _check_numbered(ckpt, "data streams", config.get("data", {}).get("num_streams"),
-                           "data_stream{:03d}.pt", "meta.json config lacks data.num_streams")
+                           checkpoint_files.data_stream_file, f"{checkpoint_files.META} config lacks data.num_streams")
 
 
 def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
-    mpath = ckpt / "optim_manifest.json"
+    mname = checkpoint_files.OPTIM_MANIFEST
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads((ckpt / mname).read_text())
         files, plan = manifest["files"], manifest["plan"]
     except FileNotFoundError:
-        return False, "optimizer", "optim_manifest.json is missing"
+        return False, "optimizer", f"{mname} is missing"
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        return False, "optimizer", f"optim_manifest.json is unreadable ({type(e).__name__})"
+        return False, "optimizer", f"{mname} is unreadable ({type(e).__name__})"
     if set(plan) != param_names:
         diff = sorted(set(plan) ^ param_names)
         where = "the manifest" if diff[0] in plan else "the model"
-        return False, "optimizer", f"optim_manifest.json plan does not match the model: {diff[0]!r} is in {where} only"
+        return False, "optimizer", f"{mname} plan does not match the model: {diff[0]!r} is in {where} only"
     # A rank file lists the parameters its rank owns in param_groups (names, in optimizer order) and their
     # state under "state"; a parameter that never had a finite gradient owns no state yet but is still listed.
     seen: dict[str, str] = {}
@@ -151,7 +154,8 @@ def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
 
 
 def check_rng(ckpt: Path, world_size) -> Result:
-    return _check_numbered(ckpt, "rng states", world_size, "rng_rank{:05d}.pt", "meta.json lacks world_size")
+    return _check_numbered(ckpt, "rng states", world_size, checkpoint_files.rng_file,
+                           f"{checkpoint_files.META} lacks world_size")
 
 
 def check_checkpoint(ckpt: str | Path) -> list[Result]:
@@ -164,7 +168,8 @@ def check_checkpoint(ckpt: str | Path) -> list[Result]:
     try:
         expected = expected_shapes(meta["model_args"])
     except (TypeError, ValueError) as e:
-        return results + [(False, "model.pt", f"meta.json model_args do not build a model ({e})")]
+        return results + [(False, checkpoint_files.MODEL,
+                           f"{checkpoint_files.META} model_args do not build a model ({e})")]
     params = {k for k in expected}  # Llama's persistent state is exactly its parameters (rope tables are not saved)
     results.append(check_model(ckpt, expected))
     results.append(check_data_streams(ckpt, meta["config"]))
@@ -175,10 +180,10 @@ def check_checkpoint(ckpt: str | Path) -> list[Result]:
 
 def checkpoints_of(path: Path) -> tuple[list[Path], list[Path]]:
     """(checkpoints to check, interrupted .tmp dirs) for a checkpoint dir or a run dir."""
-    if (path / "meta.json").is_file() or STEP_DIR.match(path.name):
+    if (path / checkpoint_files.META).is_file() or checkpoint_files.STEP_DIR.match(path.name):
         return [path], []
-    root = path / "checkpoints"
-    tmp = sorted(p for p in root.glob("step_*.tmp")) if root.is_dir() else []
+    root = path / checkpoint_files.CHECKPOINTS
+    tmp = sorted(p for p in root.iterdir() if checkpoint_files.TMP_STEP_DIR.match(p.name)) if root.is_dir() else []
     return complete_checkpoints(path), tmp
 
 
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in tmp:
         print(f"note {t}: interrupted write (.tmp), ignored by --train.resume=auto")
     if not ckpts:
-        print(f"FAIL {path}: no complete checkpoint (no checkpoints/step_*/meta.json)")
+        print(f"FAIL {path}: no complete checkpoint (no {checkpoint_files.CHECKPOINTS}/step_*/{checkpoint_files.META})")
         return 1
     good, all_ok = [], True
     for ckpt in ckpts:

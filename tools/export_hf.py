@@ -25,6 +25,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+import checkpoint_files  # noqa: E402
+from checkpoint import resolve_resume  # noqa: E402
 from model.llama import Llama, LlamaArgs  # noqa: E402
 
 
@@ -64,52 +66,41 @@ def to_hf_state_dict(state_dict: dict) -> dict:
     return {to_hf_name(k): v for k, v in state_dict.items()}
 
 
-def _step_dirs(run_dir: Path) -> list[Path]:
-    cands = [p for p in run_dir.glob("step_*") if p.is_dir()]
-    ckdir = run_dir / "checkpoints"
-    if ckdir.is_dir():
-        cands += [p for p in ckdir.glob("step_*") if p.is_dir()]
-
-    def step_of(p: Path) -> int:
-        try:
-            return int(p.name.removeprefix("step_"))
-        except ValueError:
-            return -1
-
-    return sorted((p for p in cands if step_of(p) >= 0), key=step_of)
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir as given, or the newest `step_*` with a meta.json under a run dir (or its checkpoints/)."""
+    """A checkpoint dir as given, or the newest complete checkpoint of a run dir (or of its checkpoints/ dir),
+    found as `--train.resume=auto` finds it (checkpoint.resolve_resume)."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"checkpoint {path} does not exist")
     if path.is_file():
-        if path.name in ("model.pt", "meta.json"):
+        if path.name in (checkpoint_files.MODEL, checkpoint_files.META):
             path = path.parent
         else:
             raise ExportError(f"{path} is a file; pass a checkpoint directory (step_*) or a run directory")
-    if (path / "meta.json").is_file() or (path / "model.pt").is_file():
-        return path
-    complete = [p for p in _step_dirs(path) if (p / "meta.json").is_file()]
-    if not complete:
-        raise ExportError(f"no checkpoint with a meta.json found in {path} (looked for step_* and checkpoints/step_*)")
-    return complete[-1]
+    if (path / checkpoint_files.META).is_file() or (path / checkpoint_files.MODEL).is_file():
+        return path   # a checkpoint directory (load_checkpoint names what it lacks)
+    run = path.parent if path.name == checkpoint_files.CHECKPOINTS else path
+    newest = resolve_resume("auto", run)
+    if newest is None:
+        raise ExportError(f"no checkpoint with a {checkpoint_files.META} found in {path} "
+                          f"(looked for {checkpoint_files.CHECKPOINTS}/step_*)")
+    return newest
 
 
 def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
     """(meta, state_dict) of a checkpoint dir, with one-line errors for missing or damaged files."""
-    meta_path, model_path = ckpt / "meta.json", ckpt / "model.pt"
+    meta_path, model_path = ckpt / checkpoint_files.META, ckpt / checkpoint_files.MODEL
     if not meta_path.is_file():
-        raise ExportError(f"checkpoint {ckpt} has no meta.json (incomplete save?); pick another step_* directory")
+        raise ExportError(f"checkpoint {ckpt} has no {meta_path.name} (incomplete save?); pick another step_* directory")
     if not model_path.is_file():
-        raise ExportError(f"checkpoint {ckpt} has no model.pt; pick another step_* directory")
+        raise ExportError(f"checkpoint {ckpt} has no {model_path.name}; pick another step_* directory")
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"checkpoint {ckpt} has a corrupt meta.json ({e}); pick another step_* directory") from None
+        raise ExportError(f"checkpoint {ckpt} has a corrupt {meta_path.name} ({e}); pick another step_* directory") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model_args"), dict):
-        raise ExportError(f"checkpoint {ckpt}: meta.json lacks a 'model_args' object; pick another step_* directory")
+        raise ExportError(f"checkpoint {ckpt}: {meta_path.name} lacks a 'model_args' object; "
+                          f"pick another step_* directory")
     try:
         sd = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle errors differ by torch version; all mean the same thing here
@@ -117,7 +108,7 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
         raise ExportError(f"checkpoint {ckpt} is corrupt or truncated ({type(e).__name__}: {reason}); "
                           f"pick another step_* directory") from None
     if not isinstance(sd, dict):
-        raise ExportError(f"checkpoint {ckpt}: model.pt holds a {type(sd).__name__}, not a state_dict")
+        raise ExportError(f"checkpoint {ckpt}: {model_path.name} holds a {type(sd).__name__}, not a state_dict")
     # A state_dict saved from a wrapped model (DDP/compile) carries a prefix; drop it.
     for prefix in ("module.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
@@ -130,7 +121,7 @@ def llama_args_from_meta(meta: dict) -> LlamaArgs:
     margs = meta["model_args"]
     missing = {f.name for f in fields(LlamaArgs) if f.name not in margs and f.default is MISSING}
     if missing:
-        raise ExportError(f"meta.json model_args lacks {sorted(missing)}")
+        raise ExportError(f"{checkpoint_files.META} model_args lacks {sorted(missing)}")
     return LlamaArgs(**{k: v for k, v in margs.items() if k in known})
 
 
