@@ -9,7 +9,8 @@
 
 Every rank writes into `step_XXXXXXXX.tmp/`; after a barrier rank 0 writes meta.json and renames the
 directory, so a crash mid-write leaves only a `.tmp` directory and never damages the last good
-checkpoint. A directory is complete when it has no `.tmp` suffix and holds meta.json. Data streams are
+checkpoint. Every file and the directory are fsynced before that rename, and the parent after it, so a
+power loss cannot publish a step whose files are not on the disk yet. The names are in checkpoint_files.py. A directory is complete when it has no `.tmp` suffix and holds meta.json. Data streams are
 per stream (not per rank) and optimizer state is per parameter name, so a checkpoint resumes on any
 world size that divides data.num_streams.
 """
@@ -89,23 +90,26 @@ def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer
         shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written attempt at this step
         tmp.mkdir(parents=True)
     _barrier()
+    # Every file is fsynced as it is written (checkpoint_files.write_*), and the directory after them: the
+    # rename below publishes the step, so everything it publishes must be on the disk before it is.
     if rank == 0:
-        torch.save(model.state_dict(), tmp / checkpoint_files.MODEL)
+        checkpoint_files.write_torch(tmp / checkpoint_files.MODEL, model.state_dict())
     save_optimizer_shards(optimizer, tmp)
     for s, state in batches.state_dicts().items():
-        torch.save(state, tmp / checkpoint_files.data_stream_file(s))
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)},
-               tmp / checkpoint_files.rng_file(rank))
+        checkpoint_files.write_torch(tmp / checkpoint_files.data_stream_file(s), state)
+    checkpoint_files.write_torch(tmp / checkpoint_files.rng_file(rank), {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)})
+    checkpoint_files.fsync(tmp)
     _barrier()
     if rank == 0:
-        with open(tmp / checkpoint_files.META, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        checkpoint_files.write_text(tmp / checkpoint_files.META, json.dumps(meta, indent=1))
+        checkpoint_files.fsync(tmp)
         if final.exists():  # re-saving a step after a resume from an earlier one
             shutil.rmtree(final)
         os.rename(tmp, final)
+        for d in (root, root.parent):  # the rename itself, and checkpoints/ in the run dir (new at the first save)
+            checkpoint_files.fsync(d)
         if keep_last > 0:
             for old in complete_checkpoints(out_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,6 +1,7 @@
 """checkpoint.py on a tiny model, one process: file names from one place, durable writes, one-line errors."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,40 @@ def test_export_finds_the_checkpoint_resume_auto_finds(tmp_path):
     (tmp_path / "checkpoints" / "step_00000010.tmp").mkdir()
     assert resolve_checkpoint(tmp_path) == resolve_resume("auto", tmp_path) == newest
     assert resolve_checkpoint(tmp_path / "checkpoints") == newest
+
+
+# ------------------------------------------------------------------------------------------ durability
+
+def test_files_and_directories_are_synced_before_the_step_is_published(tmp_path, monkeypatch):
+    """Every file of the step and the step directory are fsynced before the rename that publishes the step
+    (else a power loss can leave a complete-looking checkpoint of empty files), the parent after it."""
+    events = []                      # ("fsync", inode) / ("replace" | "rename", destination), in call order
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def moved(kind, real):
+        def move(src, dst):
+            events.append((kind, Path(dst)))
+            real(src, dst)
+        return move
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", moved("rename", real_rename))
+    monkeypatch.setattr(os, "replace", moved("replace", real_replace))
+    model, opt = trained()
+    final = save(tmp_path, 3, model, opt)
+    publish = events.index(("rename", final))
+    before, after = events[:publish], events[publish + 1:]
+    synced = [ino for kind, ino in before if kind == "fsync"]
+    files = sorted(final.iterdir())
+    assert len(files) == 7
+    unsynced = [f.name for f in files if f.stat().st_ino not in synced]
+    assert not unsynced, f"not fsynced before the step was published: {unsynced}"
+    # the directory (same inode after the rename) is synced after its last file was written or renamed into it
+    dir_synced = max(i for i, e in enumerate(before) if e == ("fsync", final.stat().st_ino))
+    last_file = max(i for i, (kind, x) in enumerate(before)
+                    if kind == "replace" or (kind == "fsync" and x != final.stat().st_ino))
+    assert dir_synced > last_file
+    assert ("fsync", final.parent.stat().st_ino) in after
