@@ -32,11 +32,6 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupt checkpoint; the message is one line that names the fix."""
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoint directories of a run, oldest first."""
     root = Path(out_dir) / checkpoint_files.CHECKPOINTS
@@ -80,45 +75,95 @@ def read_meta(ckpt: Path) -> dict:
                               f"resume from another step_* directory with --train.resume=PATH") from None
 
 
-def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer, batches,
-                    rank: int, keep_last: int = 0) -> Path:
-    """Collective: every rank calls it at the same step."""
-    root = Path(out_dir) / checkpoint_files.CHECKPOINTS
-    final = root / checkpoint_files.step_dir(step)
-    tmp = root / checkpoint_files.tmp_step_dir(step)
+def _attempt(write, *args) -> OSError | None:
+    """Run one phase of a save; its OSError (disk full, a file-size limit, ...) is returned, not raised, so that
+    every rank still reaches the collective that follows."""
+    try:
+        write(*args)
+    except OSError as e:
+        return e
+    return None
+
+
+def _check_all_wrote(error: OSError | None, device, out_dir: Path, tmp: Path, step: int, rank: int) -> None:
+    """Collective: if any rank failed its phase, every rank raises a one-line CheckpointError (on the rank that
+    failed it names the file) once rank 0 has removed the partial .tmp directory. Nothing published is touched:
+    the previous checkpoint stays the newest complete one."""
+    failed = error is not None
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([int(failed)], device=device)   # the parameters' device: NCCL takes no CPU tensor
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if not failed:
+        return
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written attempt at this step
-        tmp.mkdir(parents=True)
-    _barrier()
-    # Every file is fsynced as it is written (checkpoint_files.write_*), and the directory after them: the
-    # rename below publishes the step, so everything it publishes must be on the disk before it is.
+        shutil.rmtree(tmp, ignore_errors=True)
+    what = (f"could not write {error.filename or tmp} ({error.strerror or error})" if error is not None
+            else "another rank could not write its files (its own error names the file)")
+    found = complete_checkpoints(out_dir)
+    previous = f"the previous checkpoint {found[-1]} is intact" if found else "no earlier checkpoint exists"
+    raise CheckpointError(f"checkpoint of step {step} failed: {what}; {previous}; free disk space (or raise the "
+                          f"file-size limit) and resume with --train.resume=auto")
+
+
+def _write_rank_files(tmp: Path, model, batches, rank: int) -> None:
     if rank == 0:
         checkpoint_files.write_torch(tmp / checkpoint_files.MODEL, model.state_dict())
-    save_optimizer_shards(optimizer, tmp)
     for s, state in batches.state_dicts().items():
         checkpoint_files.write_torch(tmp / checkpoint_files.data_stream_file(s), state)
     checkpoint_files.write_torch(tmp / checkpoint_files.rng_file(rank), {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)})
     checkpoint_files.fsync(tmp)
-    _barrier()
-    if rank == 0:
-        checkpoint_files.write_text(tmp / checkpoint_files.META, json.dumps(meta, indent=1))
-        checkpoint_files.fsync(tmp)
-        if final.exists():  # re-saving a step after a resume from an earlier one
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for d in (root, root.parent):  # the rename itself, and checkpoints/ in the run dir (new at the first save)
-            checkpoint_files.fsync(d)
-        if keep_last > 0:
-            for old in complete_checkpoints(out_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+
+
+def _publish(out_dir: Path, root: Path, tmp: Path, final: Path, meta: dict) -> None:
+    checkpoint_files.write_text(tmp / checkpoint_files.META, json.dumps(meta, indent=1))
+    checkpoint_files.fsync(tmp)
+    if final.exists():  # re-saving a step after a resume from an earlier one
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for d in (root, root.parent):  # the rename itself, and checkpoints/ in the run dir (new at the first save)
+        checkpoint_files.fsync(d)
+
+
+def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer, batches,
+                    rank: int, keep_last: int = 0) -> Path:
+    """Collective: every rank calls it at the same step.
+
+    Three phases, each closed by a collective check that every rank succeeded: rank 0 makes the .tmp directory;
+    every rank writes its files; rank 0 writes meta.json and renames the directory. A failed write (disk full, a
+    file-size limit) raises a one-line CheckpointError on every rank instead of a traceback on one and a hang
+    on the others; the partial .tmp directory is removed and the previous checkpoint is left as it was.
+    """
+    out_dir = Path(out_dir)
+    root = out_dir / checkpoint_files.CHECKPOINTS
+    final = root / checkpoint_files.step_dir(step)
+    tmp = root / checkpoint_files.tmp_step_dir(step)
+    device = next(model.parameters()).device
+
+    def prepare():
+        shutil.rmtree(tmp, ignore_errors=True)  # a stale half-written attempt at this step
+        tmp.mkdir(parents=True)
+    _check_all_wrote(_attempt(prepare) if rank == 0 else None, device, out_dir, tmp, step, rank)
+    # Every file is fsynced as it is written (checkpoint_files.write_*), and the directory after them: the
+    # rename in _publish makes the step visible, so everything it publishes must be on the disk before it.
+    # save_optimizer_shards goes first, and on every rank: it ends in a barrier that every rank must reach.
+    error = _attempt(save_optimizer_shards, optimizer, tmp)
+    if error is None:
+        error = _attempt(_write_rank_files, tmp, model, batches, rank)
+    _check_all_wrote(error, device, out_dir, tmp, step, rank)
+    _check_all_wrote(_attempt(_publish, out_dir, root, tmp, final, meta) if rank == 0 else None,
+                     device, out_dir, tmp, step, rank)
+    if rank == 0 and keep_last > 0:
+        for old in complete_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, batches, rank: int, num_streams: int) -> dict:
-    """Restore everything this rank needs; checks completeness before touching any state."""
+    """Restore everything this rank needs. The model and data files are checked before any state is touched;
+    a missing optimizer file (which optim/sharded.py finds from its manifest) is the same one-line error."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     names = [checkpoint_files.MODEL] + [checkpoint_files.data_stream_file(s) for s in range(num_streams)]
@@ -133,7 +178,11 @@ def load_checkpoint(ckpt: Path, model, optimizer, batches, rank: int, num_stream
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt} holds a different model ({str(e).splitlines()[0]}); "
                               f"resume with the run's own --model.* settings (see {ckpt / checkpoint_files.META})") from None
-    load_optimizer_shards(optimizer, ckpt)
+    try:
+        load_optimizer_shards(optimizer, ckpt)
+    except FileNotFoundError as e:   # optim/sharded.py names the missing optimizer file
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {e}; resume from another step_* directory "
+                              f"with --train.resume=PATH") from None
     batches.load_state_dicts({s: _load(ckpt / checkpoint_files.data_stream_file(s)) for s in batches.streams})
     rng_file = ckpt / checkpoint_files.rng_file(rank)
     if rng_file.is_file():  # absent when resuming on more ranks than the checkpoint had: nothing random is used

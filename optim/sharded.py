@@ -518,24 +518,27 @@ def save_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
     """Every rank writes optim_rank{r:05d}.pt (its owned state); rank 0 writes optim_manifest.json.
 
     Each file is written to a .tmp name, fsynced and renamed into place, then the directory is fsynced, so what
-    a later rename of the directory publishes is on the disk.
+    a later rename of the directory publishes is on the disk. A failed write raises an OSError naming the file,
+    after the closing barrier: the other ranks are not left waiting in it.
     """
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / checkpoint_files.optim_file(opt.rank)
-    tmp = path.with_name(path.name + ".tmp")
-    checkpoint_files.write_torch(tmp, opt.state_dict())
-    os.replace(tmp, path)
-    if opt.rank == 0:
-        manifest = {"format": FORMAT_VERSION, "world_size": opt.world_size, "optimizer": opt.cfg.name,
-                    "files": [checkpoint_files.optim_file(r) for r in range(opt.world_size)], "plan": opt.plan}
-        path = ckpt_dir / checkpoint_files.OPTIM_MANIFEST
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = ckpt_dir / checkpoint_files.optim_file(opt.rank)
         tmp = path.with_name(path.name + ".tmp")
-        checkpoint_files.write_text(tmp, json.dumps(manifest, indent=1))
+        checkpoint_files.write_torch(tmp, opt.state_dict())
         os.replace(tmp, path)
-    checkpoint_files.fsync(ckpt_dir)
-    if opt.distributed:
-        dist.barrier(group=opt.group)
+        if opt.rank == 0:
+            manifest = {"format": FORMAT_VERSION, "world_size": opt.world_size, "optimizer": opt.cfg.name,
+                        "files": [checkpoint_files.optim_file(r) for r in range(opt.world_size)], "plan": opt.plan}
+            path = ckpt_dir / checkpoint_files.OPTIM_MANIFEST
+            tmp = path.with_name(path.name + ".tmp")
+            checkpoint_files.write_text(tmp, json.dumps(manifest, indent=1))
+            os.replace(tmp, path)
+        checkpoint_files.fsync(ckpt_dir)
+    finally:
+        if opt.distributed:
+            dist.barrier(group=opt.group)
 
 
 def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
