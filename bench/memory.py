@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import OptimConfig  # noqa: E402
 from model import build_model, size_table  # noqa: E402
-from optim import OPTIMIZERS, build_optimizer, is_projected  # noqa: E402
-from optim.adam import BLOCKSIZE, MIN_8BIT_SIZE  # noqa: E402
+from optim import OPTIMIZERS, build_optimizer  # noqa: E402
+from optim.adam import is_projected, projects, state_bytes  # noqa: E402
+from optim.sharded import tensor_bytes  # noqa: E402
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
 VOCAB = 32000
@@ -48,15 +49,6 @@ PAPER_TABLE6 = {("1b", "adamw"): "5.20G", ("1b", "galore"): "1.78G"}
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
-
-
-def state_bytes(opt) -> int:
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if torch.is_tensor(v):
-                total += v.numel() * v.element_size()
-    return total
 
 
 def measure(size: str, name: str, n_layers: int | None, exact_svd: bool) -> tuple[int, int]:
@@ -72,16 +64,10 @@ def measure(size: str, name: str, n_layers: int | None, exact_svd: bool) -> tupl
             if g["kind"] == "lowrank":
                 g["method"] = "rsvd"      # same state shapes/dtypes, no minutes of SVD (see module docstring)
     opt.step()
-    out = state_bytes(opt), model.args.n_layers
+    out = tensor_bytes(list(opt.state.values())), model.args.n_layers
     del opt, model
     gc.collect()
     return out
-
-
-def moment_bytes(numel: int, bits: int) -> int:
-    if bits == 8 and numel >= MIN_8BIT_SIZE:
-        return 2 * (numel + 4 * math.ceil(numel / BLOCKSIZE))
-    return 2 * numel * 4
 
 
 def shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -97,22 +83,18 @@ def shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def analytic(size: str, name: str, bytes_per_value: int | None = None) -> int:
-    """State bytes by formula; bytes_per_value=2 gives the paper's BF16 accounting (32-bit variants only)."""
-    bits = 8 if name.endswith("8bit") else 32
-    lowrank = not name.startswith("adamw")
-    r = RANKS[size]
-    total = 0
+    """State bytes by formula: optim.adam.state_bytes (the layout we store), or with bytes_per_value=2 the
+    paper's BF16 accounting (every moment and basis value 2 bytes; 32-bit variants only)."""
+    cfg = OptimConfig(name=name, rank=RANKS[size])
+    if not bytes_per_value:
+        return sum(state_bytes(n, shp, cfg) for n, shp in shapes(size))
+    r, total = RANKS[size], 0
     for n, shp in shapes(size):
-        numel = math.prod(shp)
-        if lowrank and is_projected(n, torch.empty(shp, device="meta")):
+        if projects(name) and is_projected(n, shp):
             m, k = shp
-            mom, basis = max(m, k) * r, min(m, k) * r
-            if bytes_per_value:
-                total += (2 * mom + basis) * bytes_per_value
-            else:
-                total += moment_bytes(mom, bits) + basis * 4
+            total += (2 * max(m, k) * r + min(m, k) * r) * bytes_per_value   # two moments + basis
         else:
-            total += 2 * numel * bytes_per_value if bytes_per_value else moment_bytes(numel, bits)
+            total += 2 * math.prod(shp) * bytes_per_value
     return total
 
 

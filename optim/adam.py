@@ -76,9 +76,14 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) ->
 
 # ----------------------------------------------------------------------------------------------- state
 
+def quantized(numel: int, bits: int) -> bool:
+    """Are the moments of a tensor of `numel` values 8-bit codes? bnb's rule: small tensors keep fp32 moments."""
+    return bits == 8 and numel >= MIN_8BIT_SIZE
+
+
 def init_moments(like: torch.Tensor, bits: int) -> dict:
     """Zero Adam moments shaped like `like`: fp32, or 8-bit codes + absmax when bits == 8 and it is large enough."""
-    if bits == 8 and like.numel() >= MIN_8BIT_SIZE:
+    if quantized(like.numel(), bits):
         blocks = (like.numel() + BLOCKSIZE - 1) // BLOCKSIZE
         zeros8 = lambda: torch.zeros(like.shape, dtype=torch.uint8, device=like.device)  # noqa: E731
         absmax = lambda: torch.zeros(blocks, dtype=torch.float32, device=like.device)    # noqa: E731
@@ -249,9 +254,40 @@ OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
 _GROUP_CHECK_KEYS = ("optim", "kind", "bits", "rank", "proj_type", "method", "names")
 
 
-def is_projected(name: str, p: torch.Tensor) -> bool:
-    """GaLore's rule: the 2-D weights of attention and MLP; embeddings, lm_head and norms stay on AdamW."""
-    return p.ndim == 2 and "embed" not in name and "lm_head" not in name
+def projects(optim_name: str) -> bool:
+    """Does optimizer `optim_name` project any parameter (GaLore, RGP and their 8-bit variants)?"""
+    return optim_name.removesuffix("8bit") in ("galore", "rgp")
+
+
+def is_projected(name: str, shape) -> bool:
+    """GaLore's rule, for an optimizer that `projects`: the 2-D weights of attention and MLP are projected;
+    embeddings, lm_head and norms stay on AdamW. `shape` is the parameter's shape (p.shape)."""
+    if torch.is_tensor(shape):   # len() of a tensor is its first dimension: that would answer silently wrong
+        raise TypeError("is_projected takes the parameter's shape (p.shape), not the parameter")
+    return len(shape) == 2 and "embed" not in name and "lm_head" not in name
+
+
+def moment_bytes(numel: int, bits: int) -> int:
+    """Bytes of the two Adam moments of `numel` values as `init_moments` lays them out: fp32, or uint8 codes and
+    one fp32 absmax per BLOCKSIZE values each."""
+    if quantized(numel, bits):
+        return 2 * numel + 2 * 4 * math.ceil(numel / BLOCKSIZE)
+    return 2 * 4 * numel
+
+
+def state_bytes(name: str, shape, cfg) -> int:
+    """Bytes of one parameter's optimizer state under `cfg` (an OptimConfig) once it has stepped, as LowRankAdamW
+    lays it out: the moments, plus for a projected (m, n) weight the fp32 basis, with moments of the projected
+    gradient's shape. The one model of state bytes (the ownership plan, tools/estimate_memory.py and
+    bench/memory.py use it); tests/optim hold it to the real optimizer's state."""
+    bits = 8 if cfg.name.endswith("8bit") else 32
+    if not (projects(cfg.name) and is_projected(name, shape)):
+        return moment_bytes(math.prod(int(s) for s in shape), bits)
+    m, n = int(shape[0]), int(shape[1])
+    proj.check_rank((m, n), cfg.rank, name)           # the optimizer refuses a rank above min(m, n) too
+    side = proj.choose_side((m, n), cfg.proj_type)    # "right": basis (n, r), moments (m, r); "left": (m, r), (r, n)
+    basis_rows, moment_cols = (n, m) if side == "right" else (m, n)
+    return 4 * basis_rows * cfg.rank + moment_bytes(cfg.rank * moment_cols, bits)
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -416,11 +452,11 @@ def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:
     bits = 8 if name.endswith("8bit") else 32
     base = name.removesuffix("8bit")
     pairs = [(n, p) for n, p in named_params if p.requires_grad]
-    if base == "adamw":
+    if not projects(name):
         return [{"params": [p for _, p in pairs], "names": [n for n, _ in pairs], "kind": "adam",
                  "optim": name, "bits": bits}]
-    low = [(n, p) for n, p in pairs if is_projected(n, p)]
-    rest = [(n, p) for n, p in pairs if not is_projected(n, p)]
+    low = [(n, p) for n, p in pairs if is_projected(n, p.shape)]
+    rest = [(n, p) for n, p in pairs if not is_projected(n, p.shape)]
     for n, p in low:
         proj.check_rank(p.shape, cfg.rank, n)
     return [

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -54,40 +55,25 @@ import torch
 import torch.distributed as dist
 
 import checkpoint_files
+from optim.adam import is_projected, projects, state_bytes
 
 FORMAT_VERSION = 1
 BUCKET_BYTES = 64 * 2**20          # flatten gradients / weights into collectives of at most this size
-ADAM_ONLY_HINTS = ("embed", "lm_head")
 
 
 # --------------------------------------------------------------------------------------------------
 # Ownership plan (pure functions of shapes, world size and optimizer config)
 
-def is_projected(name: str, shape, cfg) -> bool:
-    """Does `cfg.name` project this parameter? GaLore's rule (optim.adam.is_projected): the 2-D weights
-    of attention and MLP; embeddings, lm_head and norms stay on AdamW."""
-    if cfg.name.removesuffix("8bit") not in ("galore", "rgp"):
-        return False
-    return len(shape) == 2 and not any(h in name for h in ADAM_ONLY_HINTS)
-
-
 def param_cost(name: str, shape, cfg) -> tuple[float, float]:
-    """(refresh cost in flops-ish units, optimizer state bytes) of one parameter under `cfg`."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    eight_bit = cfg.name.endswith("8bit")
-    moment_bytes = 2 if eight_bit and numel >= 4096 else 8       # two moments, 1 or 4 bytes each
-    if is_projected(name, shape, cfg):
+    """(refresh cost in flops-ish units, optimizer state bytes) of one parameter under `cfg`; the bytes are
+    optim.adam.state_bytes, the layout the optimizer really allocates."""
+    state = float(state_bytes(name, shape, cfg))
+    if projects(cfg.name) and is_projected(name, shape):
         m, n = int(shape[0]), int(shape[1])
-        r = min(cfg.rank, m, n)
         if cfg.name.startswith("galore"):
-            cost = float(m) * n * min(m, n)                          # full SVD
-        else:
-            cost = float(m) * n * (r + cfg.oversampling) * (1 + 2 * cfg.power_iters)
-        state = moment_bytes * r * max(m, n) + 4 * r * min(m, n)     # low-rank moments + fp32 basis
-        return cost, float(state)
-    return float(numel), float(moment_bytes * numel)
+            return float(m) * n * min(m, n), state                   # full SVD
+        return float(m) * n * (cfg.rank + cfg.oversampling) * (1 + 2 * cfg.power_iters), state
+    return float(math.prod(int(s) for s in shape)), state
 
 
 def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg, state_slack: float = 1.05) -> dict[str, int]:

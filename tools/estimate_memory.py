@@ -17,7 +17,7 @@ Accounting, per rank, for the rank with the most (optimizer state + fp32 masters
   stay until zero_grad, owned grads move to the fp32 masters (bf16) or stay in place (fp32). ZeRO-2: only
   the owned grads (fp32 on masters for bf16, else --dtype).
 - optimizer_state: the owned share under the REAL plan (`optim.sharded.plan_ownership` on the model's
-  shapes), per parameter, by the state layout of optim/adam.py:
+  shapes), per parameter `optim.adam.state_bytes`, the state layout of optim/adam.py (which the plan uses too):
     adamw:        2 x 4 x numel (exp_avg, exp_avg_sq in fp32)
     adamw8bit:    numel >= 4096: 2 x numel uint8 codes + 2 x 4 x ceil(numel/256) absmax; else as adamw
     galore/rgp:   projected 2-D weights (m, n): basis min(m,n) x r fp32 + moments of the projected gradient,
@@ -81,9 +81,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from config import OptimConfig  # noqa: E402
-from optim.adam import BLOCKSIZE, FOREACH_CHUNK_NUMEL, MIN_8BIT_SIZE  # noqa: E402
-from optim.projection import check_rank, choose_side  # noqa: E402
-from optim.sharded import BUCKET_BYTES, is_projected, plan_ownership, tensor_bytes  # noqa: E402
+from optim.adam import FOREACH_CHUNK_NUMEL, is_projected, projects, state_bytes  # noqa: E402
+from optim.sharded import BUCKET_BYTES, plan_ownership, tensor_bytes  # noqa: E402
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
@@ -106,29 +105,8 @@ def param_shapes(dims: dict) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in m.named_parameters()}
 
 
-# --------------------------------------------------------------------------------------------- state bytes
-
 def numel_of(shape) -> int:
     return math.prod(int(s) for s in shape)
-
-
-def moment_bytes(numel: int, eight_bit: bool) -> int:
-    """Two Adam moments of `numel` values: fp32, or uint8 codes + one fp32 absmax per 256-value block each."""
-    if eight_bit and numel >= MIN_8BIT_SIZE:
-        return 2 * numel + 2 * 4 * math.ceil(numel / BLOCKSIZE)
-    return 2 * 4 * numel
-
-
-def state_bytes(name: str, shape, cfg) -> int:
-    """Optimizer state bytes of one parameter under `cfg` (an OptimConfig), as optim/adam.py lays it out."""
-    eight_bit = cfg.name.endswith("8bit")
-    if not is_projected(name, shape, cfg):
-        return moment_bytes(numel_of(shape), eight_bit)
-    m, n = int(shape[0]), int(shape[1])
-    check_rank((m, n), cfg.rank, name)           # the real optimizer refuses rank > min(m, n) too
-    side = choose_side((m, n), cfg.proj_type)    # "right": basis (n, r), moments (m, r); "left": (m, r), (r, n)
-    basis_rows, moment_cols = (n, m) if side == "right" else (m, n)
-    return 4 * basis_rows * cfg.rank + moment_bytes(cfg.rank * moment_cols, eight_bit)
 
 
 # --------------------------------------------------------------------------------------------- activations
@@ -174,7 +152,7 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
     shapes = param_shapes(dims)
     plan = plan_ownership(shapes, world_size, cfg)
     def foreach(n):   # stepped by the multi-tensor fp32 Adam path (optim/adam.py, LowRankAdamW._step_adam_foreach)
-        return not optim.endswith("8bit") and not is_projected(n, shapes[n], cfg)
+        return not optim.endswith("8bit") and not (projects(optim) and is_projected(n, shapes[n]))
 
     per_rank = []
     for r in range(world_size):
@@ -270,7 +248,7 @@ def measured_state_bytes(model: str, optim: str, rank: int, vocab: int, seq_len:
     from model.llama import Llama, LlamaArgs
     torch.manual_seed(seed)
     net = Llama(LlamaArgs(**model_dims(model, vocab, seq_len)))
-    cfg = OptimConfig(name=optim, rank=rank, lr=0.0)
+    cfg = OptimConfig(name=optim, rank=rank, lr=1e-3)   # any valid lr: the state's size does not depend on it
     opt = optim_pkg.build_optimizer(net.named_parameters(), cfg)
     for p in net.parameters():
         # State bytes do not depend on the values; a rank-8 gradient keeps the full SVD of GaLore ~10x faster

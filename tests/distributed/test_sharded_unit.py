@@ -10,11 +10,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_common as C  # noqa: E402
 
+from config import OptimConfig  # noqa: E402
 from model.llama import build_model  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from optim.deepspeed_glue import DeepSpeedConfigError, read_deepspeed_config  # noqa: E402
 from optim.sharded import (ShardedOptimizer, load_optimizer_shards, param_cost, plan_ownership, plan_summary,  # noqa: E402
-                           save_optimizer_shards)
+                           save_optimizer_shards, tensor_bytes)
 
 
 def shapes_of(size: str, vocab: int = 32000) -> dict:
@@ -54,6 +55,28 @@ def test_a_broken_optim_fails_the_tests_instead_of_a_stand_in(monkeypatch):
     monkeypatch.delitem(sys.modules, "_dist_common")         # restored after the test
     with pytest.raises(ImportError):
         importlib.import_module("_dist_common")
+
+
+# Names and shapes that take every path of the state layout at rank 8: the embedding and lm_head (6400 values) get
+# 8-bit moments under the 8-bit optimizers and the norm (64) fp32 ones; q_proj has 8192 values but its projected
+# moments only 512 or 1024 (fp32 even under 8-bit), up_proj's are 5120 (8-bit) on the right and 768 on the left.
+STATE_SHAPES = {"embed_tokens.weight": (100, 64), "norm.weight": (64,), "layers.0.attn.q_proj.weight": (64, 128),
+                "layers.0.mlp.up_proj.weight": (640, 96), "lm_head.weight": (100, 64)}
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left", "right"])
+@pytest.mark.parametrize("name", C.ALL_NAMES)
+def test_plan_state_bytes_are_the_optimizers_state_bytes(name, proj_type):
+    """The ownership plan balances the state the optimizer really allocates, parameter by parameter."""
+    cfg = OptimConfig(name=name, lr=1e-3, rank=8, proj_type=proj_type)
+    torch.manual_seed(0)
+    params = {n: torch.nn.Parameter(torch.randn(shape)) for n, shape in STATE_SHAPES.items()}
+    opt = build_optimizer(list(params.items()), cfg)
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for n, p in params.items():
+        assert param_cost(n, p.shape, cfg)[1] == tensor_bytes(opt.state[p]), n
 
 
 def test_world_larger_than_params_is_refused():
