@@ -27,31 +27,31 @@ class ModelConfig:
     size: str = "tiny"                 # a file configs/models/llama_<size>.toml: tiny, 60m, 130m, 350m, 1b, 7b
     vocab_size: int = 0                # 0: taken from the tokenizer
     dim: int = 0                       # 0: taken from the size file (set any of these to override it)
-    n_layers: int = 0
-    n_heads: int = 0
-    intermediate_size: int = 0
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    n_layers: int = 0                  # transformer blocks (0: from the size file)
+    n_heads: int = 0                   # attention heads (0: from the size file)
+    intermediate_size: int = 0         # SwiGLU hidden width (0: from the size file)
+    norm_eps: float = 1e-6             # RMSNorm epsilon
+    rope_theta: float = 10000.0        # RoPE base
 
 
 @dataclass
 class DataConfig:
     path: str = ".cache/corpus"        # local dir of C4-format shards, or "allenai/c4" / "hf://datasets/allenai/c4"
     tokenizer: str = ".cache/tokenizer/spm.model"  # SentencePiece .model file, or a transformers name/dir ("t5-base")
-    seq_len: int = 256
+    seq_len: int = 256                 # tokens per training sequence
     num_streams: int = 8               # fixed per run: world sizes must divide it, the global batch must be a multiple
     val_tokens: int = 65536            # fixed validation token budget (GaLore used 10M on C4)
-    build_local: bool = True           # build the offline corpus / tokenizer under .cache/ when they are missing
+    build_local: bool = False          # build a missing corpus / tokenizer at any path (always done at the defaults)
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"                # adamw, adamw8bit, galore, galore8bit, rgp, rgp8bit
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 1e-3                   # peak learning rate (> 0), scheduled by train.warmup_frac / min_lr_frac
+    beta1: float = 0.9                 # Adam's first-moment decay
+    beta2: float = 0.999               # Adam's second-moment decay
+    eps: float = 1e-8                  # Adam's epsilon
+    weight_decay: float = 0.0          # decoupled weight decay (the GaLore recipe uses 0)
     rank: int = 128                    # projection rank r (galore/rgp)
     update_proj_gap: int = 200         # refresh the basis every T steps (steps 0, T, 2T, ...)
     scale: float = 0.25                # GaLore's alpha
@@ -65,19 +65,19 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     micro_batch: int = 8               # sequences per rank per micro-step
-    grad_accum: int = 1
+    grad_accum: int = 1                # micro-steps per optimizer step (set by global_batch when that is set)
     global_batch: int = 0              # sequences per optimizer step; when set, grad_accum = global / (micro x world)
     max_steps: int = 200               # optimizer steps (sets the LR schedule)
     stop_at_step: int = 0              # checkpoint and exit after this step (time-sliced jobs); 0 runs to max_steps
     warmup_frac: float = 0.1           # linear warmup over this fraction of max_steps ...
     min_lr_frac: float = 0.1           # ... then cosine down to this fraction of optim.lr
     grad_clip: float = 1.0             # 0 disables clipping
-    eval_every: int = 50
-    save_every: int = 100
+    eval_every: int = 50               # validate every N steps and at the end (0: never)
+    save_every: int = 100              # checkpoint every N steps and at the end (0: only at the end)
     keep_last: int = 0                 # keep this many newest checkpoints (0 keeps all)
-    out_dir: str = "runs/tiny_cpu"
+    out_dir: str = "runs/tiny_cpu"     # the run directory: config.toml, metrics.jsonl, checkpoints/
     resume: str = "none"               # none, auto (newest complete checkpoint in out_dir), or a checkpoint path
-    seed: int = 0
+    seed: int = 0                      # model initialisation seed
     dtype: str = "auto"                # auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16
     device: str = "auto"               # auto, cpu, cuda
     skip_nonfinite: bool = False       # skip a step whose loss or gradient norm is NaN/inf instead of stopping
@@ -86,9 +86,9 @@ class TrainConfig:
 
 @dataclass
 class LogConfig:
-    log_every: int = 10
-    wandb: bool = False
-    wandb_project: str = "lowrank-pretrain"
+    log_every: int = 10                # write a metrics record every N steps
+    wandb: bool = False                # also log to wandb (one wandb run per run directory)
+    wandb_project: str = "lowrank-pretrain"  # wandb project name
     wandb_mode: str = "offline"        # offline works with no network; online needs WANDB_API_KEY
     progress: bool = True              # tqdm bar when stdout is a terminal
 
@@ -200,12 +200,50 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
 
 
+def field_comments() -> dict[str, str]:
+    """{"section.key": its trailing comment in this file}: the documentation `--help` prints."""
+    import inspect
+    import re
+    out = {}
+    for f in dataclasses.fields(Config):
+        if f.name == "deepspeed":
+            continue
+        cls = type(getattr(Config(), f.name))
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): \w+ = .*?#\s*(.*)$", line)
+            if m:
+                out[f"{f.name}.{m.group(1)}"] = m.group(2)
+    return out
+
+
+def usage() -> str:
+    """Every config key with its default and comment (python train.py --help)."""
+    comments = field_comments()
+    lines = ["usage: python train.py --config RECIPE.toml [--section.key=value ...]   (or torchrun / deepspeed)",
+             "", "Precedence: command line > TOML recipe > defaults. Keys, defaults and meaning:"]
+    cfg = Config()
+    for f in dataclasses.fields(Config):
+        if f.name == "deepspeed":
+            continue
+        lines.append(f"  [{f.name}]")
+        for k in dataclasses.fields(getattr(cfg, f.name)):
+            key = f"{f.name}.{k.name}"
+            default = repr(getattr(getattr(cfg, f.name), k.name))
+            lines.append((f"    --{key}={default}".ljust(52) + " " + comments.get(key, "")).rstrip())
+    lines.append("  --deepspeed=PATH".ljust(53) + "a DeepSpeed JSON (ZeRO stage, precision); launch with deepspeed")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """`--config FILE` first, then `--section.key=value` / `--section.key value` overrides.
 
     `--local_rank=N` (passed by the deepspeed launcher) is accepted and ignored: LOCAL_RANK is in the env too.
+    `--help` / `-h` prints `usage()` and exits 0.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        raise SystemExit(0)
     pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(argv):

@@ -16,6 +16,7 @@ computes its projection and update (docs/design.md §5).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,14 +29,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, load_checkpoint, resolve_resume, save_checkpoint
-from config import ConfigError, parse_args, to_toml
-from data.c4 import DataError, TrainBatches, is_hub, validation_set
+from checkpoint import CheckpointError, load_checkpoint, read_meta, resolve_resume, save_checkpoint
+from config import ConfigError, DataConfig, parse_args, to_toml
+from data.c4 import DataError, TrainBatches, check_layout, is_hub, validation_set
 from data.corpus import CorpusError
 from data.tokenizer import TokenizerError, load_tokenizer
 from model import build_model
+from optim import is_projected, validate_optim_config
+from optim.projection import check_rank
 from optim.schedule import lr_multiplier
 from optim.sharded import ShardedOptimizer
+from run_dir import RunDirError, resume_changes, run_dir_lock, start_metrics
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM; launch/slurm.sbatch requeues on the PREEMPT_MARKER file, not on a code
 
@@ -76,8 +80,9 @@ def all_sum(values: list[float], device) -> list[float]:
 
 
 def prepare_data(cfg, rank: int) -> None:
-    """Build the offline corpus / tokenizer under .cache/ when they are missing (rank 0; others wait)."""
-    if rank == 0 and cfg.data.build_local:
+    """Build the offline corpus / tokenizer when they are missing (rank 0; others wait): only at the embedded
+    default locations under .cache/, or anywhere with data.build_local (check_run refused other missing paths)."""
+    if rank == 0:
         from data.corpus import ensure_corpus
         from data.tokenizer import ensure_tokenizer
         if not is_hub(cfg.data.path) and not Path(cfg.data.path).exists():
@@ -153,12 +158,45 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def check_run(cfg, world: int, dtype: torch.dtype, deepspeed: bool) -> None:
+    """Every check that needs no data, before anything is built or written: a bad run fails in about a second
+    with one line. (Types, ranges and key names were checked by parse_args.)"""
+    t, d = cfg.train, cfg.data
+    out_dir = Path(t.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir {str(out_dir)!r} is an existing file; choose a directory")
+    defaults = DataConfig()
+    # The offline corpus and tokenizer are built only at the embedded default locations (or with
+    # data.build_local): a mistyped path is an error, never a silently built stand-in.
+    if not is_hub(d.path) and not Path(d.path).exists() and not (d.build_local or d.path == defaults.path):
+        raise DataError(f"data.path {d.path!r} does not exist; fix the path, or build a local corpus there with "
+                        f"python data/corpus.py --out {d.path} (or pass --data.build_local=true)")
+    if d.tokenizer.endswith(".model") and not Path(d.tokenizer).exists() and \
+            not (d.build_local or d.tokenizer == defaults.tokenizer):
+        raise DataError(f"data.tokenizer {d.tokenizer!r} does not exist; fix the path, or train one there with "
+                        f"python data/tokenizer.py --out {d.tokenizer} (or pass --data.build_local=true)")
+    check_layout(d.num_streams, world, t.micro_batch * t.grad_accum * world)
+    validate_optim_config(cfg.optim)
+    if cfg.optim.name.removesuffix("8bit") != "adamw":   # ranks against the model's shapes, on the meta device
+        with torch.device("meta"):
+            shapes = build_model(cfg.model.size, cfg.model.vocab_size or 8, d.seq_len, dim=cfg.model.dim,
+                                 n_layers=cfg.model.n_layers, n_heads=cfg.model.n_heads,
+                                 intermediate_size=cfg.model.intermediate_size).named_parameters()
+            for name, p in shapes:
+                if is_projected(name, p.shape):
+                    check_rank(p.shape, cfg.optim.rank, name)
+    if cfg.optim.layerwise and (world > 1 or deepspeed or dtype != torch.float32 or t.grad_clip > 0):
+        raise ConfigError("optim.layerwise needs one process, train.dtype=float32 and train.grad_clip=0 "
+                          "(a parameter is updated before the other gradients exist)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train; the signal handlers installed for preemption are removed again on return (tests call main)."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
-        return run(argv)
+        with contextlib.ExitStack() as held:     # the run directory's lock, released however run() ends
+            return run(argv, held)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -166,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def run(argv: list[str] | None) -> int:
+def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     cfg = parse_args(argv)
     t, d = cfg.train, cfg.data
+    if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("--deepspeed needs a launcher: deepspeed --num_gpus N train.py ..., or "
+                          "bash launch/deepspeed.sh RECIPE.toml (plain python has no rank environment)")
     rank, world, device = setup_distributed(t.device, t.force_collectives)
     if t.global_batch:
         if t.global_batch % (t.micro_batch * world):
@@ -184,13 +225,30 @@ def run(argv: list[str] | None) -> int:
              "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
     if ds is not None:
         ds.bf16 = dtype == torch.bfloat16
+    check_run(cfg, world, dtype, ds is not None)
+
+    # --- the run directory: one job at a time, one metrics curve, only resumable changes (run_dir.py) ---
     out_dir = Path(t.out_dir)
+    lock_error = ""
+    if rank == 0:
+        try:
+            held.enter_context(run_dir_lock(out_dir))
+        except RunDirError as e:
+            lock_error = str(e)
+    if all_sum([float(bool(lock_error))], device)[0]:   # every rank stops, not only rank 0
+        raise RunDirError(lock_error or f"run directory {out_dir} is in use by another job (see rank 0)")
     ckpt = resolve_resume(t.resume, out_dir)
-    if ckpt is None and (out_dir / "metrics.jsonl").exists():
+    if ckpt is None and t.resume == "none" and (out_dir / "metrics.jsonl").exists():
         raise RunError(f"{out_dir} already holds a run; continue it with --train.resume=auto "
                        f"or choose another --train.out_dir")
+    if ckpt is not None:
+        changes = resume_changes(read_meta(ckpt).get("config", {}), cfg.to_dict())
+        if rank == 0 and changes:
+            print(f"resume from {ckpt.name} with changed settings: {'; '.join(changes)}", flush=True)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        note = start_metrics(out_dir, read_meta(ckpt)["step"] if ckpt is not None else None)
+        if note:
+            print(note, flush=True)
         (out_dir / "config.toml").write_text(to_toml(cfg))
 
     # --- data, model, optimizer ---
@@ -206,9 +264,6 @@ def run(argv: list[str] | None) -> int:
                                  collectives_at_world_size_1=t.force_collectives)
     stepper = None
     if cfg.optim.layerwise:  # step each parameter in its backward hook (optim/layerwise.py)
-        if world > 1 or ds is not None or dtype != torch.float32 or t.grad_clip > 0:
-            raise ConfigError("optim.layerwise needs one process, train.dtype=float32 and train.grad_clip=0 "
-                              "(a parameter is updated before the other gradients exist)")
         from optim.layerwise import LayerwiseStepper
         stepper = LayerwiseStepper(optimizer.inner)
     engine = None
@@ -327,9 +382,13 @@ def run(argv: list[str] | None) -> int:
     return 0
 
 
+# What `python train.py` reports as one line `error: ...` with exit code 2 (no traceback).
+ONE_LINE_ERRORS = (ConfigError, DataError, CorpusError, TokenizerError, CheckpointError, RunError, RunDirError,
+                   ValueError)
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, DataError, CorpusError, TokenizerError, CheckpointError, RunError, ValueError) as e:
+    except ONE_LINE_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -171,6 +171,10 @@ def validation_set(path: str, tokenizer, seq_len: int, val_tokens: int) -> torch
     seqs = []
     for _ in range(n):
         seqs.append(stream.next_sequence())
-    if stream.epoch > 0:
-        raise DataError(f"the validation shards in {path!r} hold fewer than {val_tokens} tokens; lower --data.val_tokens")
+        if stream.epoch > 0:                      # the shards ran out: stop at once (a huge budget would spin)
+            if len(seqs) == 1:                    # not even one sequence: the sequence length is too long
+                raise DataError(f"the validation shards in {path!r} hold fewer than data.seq_len + 1 = "
+                                f"{seq_len + 1} tokens; lower --data.seq_len")
+            raise DataError(f"the validation shards in {path!r} hold fewer than {val_tokens} tokens; "
+                            f"lower --data.val_tokens")
     return torch.stack(seqs)

@@ -168,7 +168,12 @@ def fetch_t5_spm(out_path: str | Path) -> Path:
 def _load_sentencepiece(path: Path) -> Tokenizer:
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:   # sentencepiece raises RuntimeError for empty or corrupt files
+        raise TokenizerError(f"tokenizer file {path} is empty or corrupt ({str(e).splitlines()[0]}); delete it and "
+                             f"rebuild it with python data/tokenizer.py --out {path}, or pass another "
+                             f"--data.tokenizer") from None
     if sp.eos_id() < 0:
         raise TokenizerError(f"{path} has no EOS piece; train one with data/tokenizer.py")
     return Tokenizer(name=str(path), vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(),

@@ -24,8 +24,8 @@ def validate_optim_config(cfg) -> None:
     """One-line ValueErrors for bad optimizer knobs (shape-dependent checks happen in build_optimizer)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; set optim.name to one of {', '.join(OPTIMIZERS)}")
-    if cfg.lr < 0:
-        raise ValueError(f"optim.lr must be >= 0, got {cfg.lr}")
+    if not cfg.lr > 0:   # (also catches NaN) lr 0 trains nothing while looking like a run
+        raise ValueError(f"optim.lr must be > 0, got {cfg.lr}")
     if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
         raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     if cfg.eps < 0:

@@ -84,8 +84,9 @@ def test_bad_inputs_give_one_line_errors(corpus_dir, spm_path, tmp_path):
         train.main(small_run(corpus_dir, spm_path, tmp_path / "a", "--optim.lrr=0.1"))
     with pytest.raises(ConfigError, match="train.max_steps: expected int"):
         train.main(small_run(corpus_dir, spm_path, tmp_path / "a", "--train.max_steps=ten"))
-    with pytest.raises(DataError, match="is not a directory"):
-        train.main(small_run(tmp_path / "nowhere", spm_path, tmp_path / "b", "--data.build_local=false"))
+    with pytest.raises(DataError, match="does not exist; fix the path"):
+        train.main(small_run(tmp_path / "nowhere", spm_path, tmp_path / "b"))
+    assert not (tmp_path / "nowhere").exists()              # a mistyped path never builds a stand-in corpus
     shards = tmp_path / "shards"
     shutil.copytree(corpus_dir, shards)
     (sorted(shards.glob("*train*.json.gz"))[3]).write_bytes(b"")
@@ -214,3 +215,24 @@ def test_wandb_offline_keeps_one_run_across_resume(corpus_dir, spm_path, tmp_pat
     offline_runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline_runs) == 2  # one directory per process start, both under the same run id
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_force_collectives_at_world_size_one_is_exact(corpus_dir, spm_path, tmp_path, monkeypatch):
+    """--train.force_collectives runs the sharded optimizer's whole communication path (flags, gradient
+    reduction, norms, weight broadcast) with one process - how bench/gpu_smoke.sh exercises NCCL on one GPU -
+    and trains exactly like the pass-through."""
+    import torch.distributed as dist
+    calls = []
+    for name in ("all_reduce", "broadcast", "all_gather_single"):
+        real = getattr(dist, name)
+        monkeypatch.setattr(dist, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    extra = ["--optim.name=galore", "--optim.rank=8", "--optim.update_proj_gap=3", "--train.max_steps=4"]
+    assert train.main(small_run(corpus_dir, spm_path, tmp_path / "plain", *extra)) == 0
+    plain_calls = len(calls)
+    assert train.main(small_run(corpus_dir, spm_path, tmp_path / "forced", *extra, "--train.force_collectives=true")) == 0
+    assert not dist.is_initialized()                     # the trainer's own group is gone again
+    assert {"all_reduce", "broadcast", "all_gather_single"} <= set(calls[plain_calls:])
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "forced")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(tmp_path / "plain") if "loss" in r] == \
+        [r["loss"] for r in metrics(tmp_path / "forced") if "loss" in r]
