@@ -158,6 +158,39 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def resolve_run(cfg, world: int, device: torch.device):
+    """Settings that depend on the world size and device (accumulation from train.global_batch, the DeepSpeed
+    JSON, the dtype), then `check_run`. Returns (DeepSpeed settings or None, dtype)."""
+    t = cfg.train
+    if t.global_batch:
+        if t.global_batch % (t.micro_batch * world):
+            raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of micro_batch x world size "
+                              f"= {t.micro_batch} x {world}; change --train.micro_batch or --train.global_batch")
+        t.grad_accum = t.global_batch // (t.micro_batch * world)
+    ds = None
+    if cfg.deepspeed:  # the ZeRO stage comes from the JSON; batch, clipping and dtype from the run config
+        from optim.deepspeed_glue import read_deepspeed_config, reconcile_with_run
+        ds = read_deepspeed_config(cfg.deepspeed, world)
+        t.dtype = reconcile_with_run(ds, t, world)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
+    if ds is not None:
+        ds.bf16 = dtype == torch.bfloat16
+    check_run(cfg, world, dtype, ds is not None)
+    return ds, dtype
+
+
+def validate_only(argv: list[str]) -> int:
+    """`python train.py --validate ...` (the launch scripts run it first, with WORLD_SIZE set to the job's): every
+    data-free check in about a second, so a bad config is one line before torchrun or deepspeed start workers
+    (whose launcher would print its own traceback after the worker's one-line error)."""
+    cfg = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if cfg.train.device == "auto" else cfg.train.device == "cuda"
+    resolve_run(cfg, world, torch.device("cuda" if use_cuda else "cpu"))
+    return 0
+
+
 def check_run(cfg, world: int, dtype: torch.dtype, deepspeed: bool) -> None:
     """Every check that needs no data, before anything is built or written: a bad run fails in about a second
     with one line. (Types, ranges and key names were checked by parse_args.)"""
@@ -192,6 +225,9 @@ def check_run(cfg, world: int, dtype: torch.dtype, deepspeed: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Train; the signal handlers installed for preemption are removed again on return (tests call main)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--validate" in argv:
+        return validate_only([a for a in argv if a != "--validate"])
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
@@ -211,21 +247,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         raise ConfigError("--deepspeed needs a launcher: deepspeed --num_gpus N train.py ..., or "
                           "bash launch/deepspeed.sh RECIPE.toml (plain python has no rank environment)")
     rank, world, device = setup_distributed(t.device, t.force_collectives)
-    if t.global_batch:
-        if t.global_batch % (t.micro_batch * world):
-            raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of micro_batch x world size "
-                              f"= {t.micro_batch} x {world}; change --train.micro_batch or --train.global_batch")
-        t.grad_accum = t.global_batch // (t.micro_batch * world)
-    ds = None
-    if cfg.deepspeed:  # the ZeRO stage comes from the JSON; batch, clipping and dtype from the run config
-        from optim.deepspeed_glue import read_deepspeed_config, reconcile_with_run
-        ds = read_deepspeed_config(cfg.deepspeed, world)
-        t.dtype = reconcile_with_run(ds, t, world)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
-    if ds is not None:
-        ds.bf16 = dtype == torch.bfloat16
-    check_run(cfg, world, dtype, ds is not None)
+    ds, dtype = resolve_run(cfg, world, device)
 
     # --- the run directory: one job at a time, one metrics curve, only resumable changes (run_dir.py) ---
     out_dir = Path(t.out_dir)

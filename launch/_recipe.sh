@@ -15,3 +15,11 @@ if [[ ! -f "$RECIPE" ]]; then
     exit 2
 fi
 OVERRIDES=("$@")
+
+# validate WORLD [more train.py args]: every data-free check of train.py (about a second), so a bad recipe or
+# override is one line here, not a worker's line buried under the launcher's own traceback.
+validate() {
+    local world=$1
+    shift
+    WORLD_SIZE=$world python train.py --validate --config "$RECIPE" "$@" "${OVERRIDES[@]}"
+}

@@ -12,8 +12,11 @@ source launch/_recipe.sh "$@"
 DS_CONFIG=${DS_CONFIG:-configs/deepspeed/zero2.json}
 if [[ -n "${HOSTFILE:-}" ]]; then
     hosts=(--hostfile "$HOSTFILE")
+    world=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); n += a[2]}} END {print n}' "$HOSTFILE")
 else
     hosts=(--num_gpus "${NGPU:-1}")
+    world=${NGPU:-1}
 fi
+validate "$world" --deepspeed "$DS_CONFIG"
 exec deepspeed "${hosts[@]}" --master_port "${MASTER_PORT:-29500}" \
     train.py --config "$RECIPE" --deepspeed "$DS_CONFIG" --train.resume=auto "${OVERRIDES[@]}"

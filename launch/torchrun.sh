@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_recipe.sh "$@"
+validate "${NGPU:-1}"
 exec torchrun --standalone --nnodes=1 --nproc_per_node="${NGPU:-1}" \
     train.py --config "$RECIPE" --train.resume=auto "${OVERRIDES[@]}"

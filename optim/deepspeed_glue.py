@@ -5,11 +5,7 @@
     model.to(torch.bfloat16) if ds.bf16 else None                             # before building the optimizer
     opt = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode)
     engine = init_deepspeed(model, opt, ds)
-    each optimizer step:
-        for x, y in micro_batches:  loss = engine(x, y)[1]; engine.backward(loss)   # engine divides by accum
-        opt.sync_gradients(); norm = opt.clip_grad_norm_(ds.grad_clip)               # optional, see below
-        engine.step()                                                                 # -> opt.step() every call
-        opt.zero_grad()
+    each optimizer step: the DeepSpeed protocol in the module docstring of optim/sharded.py (written once there)
 
 What DeepSpeed does and does not do here (deepspeed 0.19.8 `runtime/engine.py`, checked by tests/distributed):
 - Stage. We honour the user's stage 1 / 2 with *our* whole-matrix ownership (stage 1 -> grad_mode

@@ -107,3 +107,19 @@ def test_slurm_preemption_requeues(corpus_dir, spm_path, tmp_path):
     assert "requeueing job 4242" in output
     saved = complete_checkpoints(out)
     assert saved and int(saved[-1].name.split("_")[1]) < 400
+
+
+@pytest.mark.parametrize("script,extra_env", [("torchrun.sh", {"NGPU": "3"}),
+                                              ("deepspeed.sh", {"HOSTFILE": "HOSTS", "DS_ACCELERATOR": "cpu",
+                                                                "DS_CONFIG": "configs/deepspeed/zero2_cpu.json"})])
+def test_bad_config_is_one_line_before_any_worker_starts(tmp_path, script, extra_env):
+    """A world size that cannot divide the data streams (3 ranks; a hostfile with 2 + 1 slots): the script's
+    validation step prints train.py's one line and exits 2; no launcher starts, so no launcher traceback."""
+    (tmp_path / "hosts").write_text("node0 slots=2\nnode1 slots=1\n")
+    extra_env = {k: v.replace("HOSTS", str(tmp_path / "hosts")) for k, v in extra_env.items()}
+    proc = subprocess.run(["bash", f"launch/{script}", "configs/runs/tiny_cpu.toml", f"--train.out_dir={tmp_path}/r"],
+                          cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: world size 3 does not divide data.num_streams=8; use a world "
+                                                "size that divides it or change --data.num_streams"]
+    assert not (tmp_path / "r").exists()
