@@ -7,12 +7,13 @@
         data_stream000.pt ...  the position of every data stream (written by the rank that reads it)
         rng_rank00000.pt ...   each rank's torch RNG states
 
-Every rank writes into `step_XXXXXXXX.tmp/`; after a barrier rank 0 writes meta.json and renames the
-directory, so a crash mid-write leaves only a `.tmp` directory and never damages the last good
-checkpoint. Every file and the directory are fsynced before that rename, and the parent after it, so a
-power loss cannot publish a step whose files are not on the disk yet. The names are in checkpoint_files.py. A directory is complete when it has no `.tmp` suffix and holds meta.json. Data streams are
-per stream (not per rank) and optimizer state is per parameter name, so a checkpoint resumes on any
-world size that divides data.num_streams.
+Every rank writes into `step_XXXXXXXX.tmp/`; once every rank has written its files, rank 0 writes meta.json
+and renames the directory, so a crash mid-write leaves only a `.tmp` directory and never damages the last
+good checkpoint. Every file and the directory are fsynced before that rename, and the parent after it, so a
+power loss cannot publish a step whose files are not on the disk yet. A directory is complete when it has no
+`.tmp` suffix and holds meta.json. Data streams are per stream (not per rank) and optimizer state is per
+parameter name, so a checkpoint resumes on any world size that divides data.num_streams. The names are
+spelled in checkpoint_files.py.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def _write_rank_files(tmp: Path, model, batches, rank: int) -> None:
     checkpoint_files.fsync(tmp)
 
 
-def _publish(out_dir: Path, root: Path, tmp: Path, final: Path, meta: dict) -> None:
+def _publish(root: Path, tmp: Path, final: Path, meta: dict) -> None:
     checkpoint_files.write_text(tmp / checkpoint_files.META, json.dumps(meta, indent=1))
     checkpoint_files.fsync(tmp)
     if final.exists():  # re-saving a step after a resume from an earlier one
@@ -153,7 +154,7 @@ def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer
     if error is None:
         error = _attempt(_write_rank_files, tmp, model, batches, rank)
     _check_all_wrote(error, device, out_dir, tmp, step, rank)
-    _check_all_wrote(_attempt(_publish, out_dir, root, tmp, final, meta) if rank == 0 else None,
+    _check_all_wrote(_attempt(_publish, root, tmp, final, meta) if rank == 0 else None,
                      device, out_dir, tmp, step, rank)
     if rank == 0 and keep_last > 0:
         for old in complete_checkpoints(out_dir)[:-keep_last]:
