@@ -182,7 +182,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, batches, rank: int, num_stream
     try:
         load_optimizer_shards(optimizer, ckpt)
     except FileNotFoundError as e:   # optim/sharded.py names the missing optimizer file
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {e}; resume from another step_* directory "
+        raise CheckpointError(f"checkpoint {ckpt} cannot be resumed: {e}; resume from another step_* directory "
                               f"with --train.resume=PATH") from None
     batches.load_state_dicts({s: _load(ckpt / checkpoint_files.data_stream_file(s)) for s in batches.streams})
     rng_file = ckpt / checkpoint_files.rng_file(rank)

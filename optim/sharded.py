@@ -500,6 +500,10 @@ class ShardedOptimizer:
 # --------------------------------------------------------------------------------------------------
 # Sharded checkpoints
 
+class ShardFileError(FileNotFoundError):
+    """An optimizer shard file that is missing or unreadable (the message names the file)."""
+
+
 def save_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
     """Every rank writes optim_rank{r:05d}.pt (its owned state); rank 0 writes optim_manifest.json.
 
@@ -555,7 +559,10 @@ def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
     files = sorted({manifest["files"][plan[n]] for n in need})
     merged = {"plan": plan, "state": {}, "masters": {}}
     for f in files:
-        sd = torch.load(ckpt_dir / f, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(ckpt_dir / f, map_location="cpu", weights_only=True)
+        except Exception as e:   # torch raises several classes for a truncated or foreign file
+            raise ShardFileError(f"optimizer shard {ckpt_dir / f} is corrupt or truncated ({type(e).__name__})") from None
         for key in ("state", "masters"):
             merged[key].update({n: v for n, v in sd[key].items() if n in need})
     opt.load_state_dict(merged)

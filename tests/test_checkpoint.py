@@ -163,6 +163,19 @@ def test_missing_optimizer_file_is_a_one_line_error(tmp_path):
     assert str(final / checkpoint_files.optim_file(0)) in msg and "--train.resume=PATH" in msg
 
 
+def test_corrupt_optimizer_file_is_a_one_line_error(tmp_path):
+    model, opt = trained()
+    final = save(tmp_path, 3, model, opt)
+    shard = final / checkpoint_files.optim_file(0)
+    shard.write_bytes(shard.read_bytes()[:100])                # truncated on disk
+    fresh, opt2 = trained(seed=1, steps=0)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(final, fresh, opt2, Streams(), rank=0, num_streams=NUM_STREAMS)
+    msg = str(err.value)
+    assert len(msg.splitlines()) == 1 and "is corrupt or truncated" in msg and str(shard) in msg
+    assert "--train.resume=PATH" in msg
+
+
 def failing_torch_save(monkeypatch, call: int):
     """torch.save raises ENOSPC from its `call`-th call on (1-based), as on a disk that has just filled up."""
     real, calls = torch.save, []
