@@ -60,6 +60,7 @@ class OptimConfig:
     power_iters: int = 0               # RGP: subspace (power) iterations
     moments_on_refresh: str = "keep"   # keep (GaLore) or project (re-express moments in the new basis)
     layerwise: bool = False            # step each parameter in its post-accumulate-grad hook
+    comm_dtype: str = "auto"           # gradient communication dtype: auto (the weights'), float32, bfloat16
 
 
 @dataclass

@@ -30,7 +30,8 @@ import torch.distributed as dist  # noqa: E402
 
 from config import OptimConfig  # noqa: E402
 from model.llama import build_model  # noqa: E402
-from optim.sharded import ShardedOptimizer, describe_plan, plan_ownership, plan_summary  # noqa: E402
+from optim.ownership import describe_plan, plan_ownership  # noqa: E402
+from optim.sharded import ShardedOptimizer  # noqa: E402
 
 NAMES = ("galore", "rgp")
 

@@ -30,6 +30,8 @@ def validate_optim_config(cfg) -> None:
         raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     if cfg.eps < 0:
         raise ValueError(f"optim.eps must be >= 0, got {cfg.eps}")
+    if getattr(cfg, "comm_dtype", "auto") not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"optim.comm_dtype must be auto, float32 or bfloat16, got {cfg.comm_dtype!r}")
     if cfg.name.removesuffix("8bit") == "adamw":
         return
     if cfg.rank < 1:

@@ -10,7 +10,7 @@ gradient path: matrices straddling two ranks are computed twice, their momentum 
 buffer outside the partition layout (and outside its checkpoints), and doing 2-D math before the
 overflow check and clipping caused a string of bugs (#8432, #8439, #8441). We want none of that.
 
-The mechanism. Every parameter is owned by exactly one data-parallel rank (`plan_ownership`: greedy
+The mechanism. Every parameter is owned by exactly one data-parallel rank (`optim/ownership.py`, greedy
 longest-processing-time packing over two loads at once, the basis-refresh cost and the optimizer
 state bytes, deterministic from shapes, world size and optimizer config alone). Each rank builds the
 ordinary single-process optimizer (`optim.build_optimizer`) over the parameters it owns only, so the
@@ -29,6 +29,15 @@ Under DeepSpeed the engine runs at stage 0 with its own gradient all-reduce swit
 (`optim/deepspeed_glue.py`); this object is its client optimizer and does the communication.
 Without DeepSpeed the trainer calls it directly; at world size 1 it is a pass-through.
 
+Who does what. The files: the plan in `optim/ownership.py`; every collective in `optim/comm.py` (each one
+counted by an optional `CommLedger`: `opt.ledger = CommLedger(world)`); this file the wrapper and its
+checkpoints. torch.distributed moves the bytes (all-reduce / reduce / broadcast on flat buckets of at most
+BUCKET_BYTES, in the parameters' device); DeepSpeed, when used, only runs forward/backward and calls step().
+DDP's reducer and DeepSpeed's ZeRO partitioner are not used: both cut buffers at element boundaries that
+ignore matrices, and whole-matrix ownership needs each owner to receive whole matrices. Gradients travel in
+`optim.comm_dtype` ("auto": the weights' dtype, so bf16 for a bf16 model, as DDP does) and are averaged in
+fp32 on arrival.
+
 Per optimizer step (build the wrapper after torch.distributed is initialised; always wrap, also at 1 rank):
     plain torchrun / one process:
         (loss / grad_accum).backward() for each micro-batch
@@ -43,10 +52,8 @@ the state is keyed by parameter name, so a run resumes on a different number of 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -55,122 +62,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoint_files
-from optim.adam import is_projected, projects, state_bytes
+from optim import comm
+from optim.comm import CommLedger
+from optim.ownership import describe_disagreement, plan_ownership, run_signature
 
 FORMAT_VERSION = 1
 BUCKET_BYTES = 64 * 2**20          # flatten gradients / weights into collectives of at most this size
-
-
-# --------------------------------------------------------------------------------------------------
-# Ownership plan (pure functions of shapes, world size and optimizer config)
-
-def param_cost(name: str, shape, cfg) -> tuple[float, float]:
-    """(refresh cost in flops-ish units, optimizer state bytes) of one parameter under `cfg`; the bytes are
-    optim.adam.state_bytes, the layout the optimizer really allocates."""
-    state = float(state_bytes(name, shape, cfg))
-    if projects(cfg.name) and is_projected(name, shape):
-        m, n = int(shape[0]), int(shape[1])
-        if cfg.name.startswith("galore"):
-            return float(m) * n * min(m, n), state                   # full SVD
-        return float(m) * n * (cfg.rank + cfg.oversampling) * (1 + 2 * cfg.power_iters), state
-    return float(math.prod(int(s) for s in shape)), state
-
-
-def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg, state_slack: float = 1.05) -> dict[str, int]:
-    """Assign every parameter to one rank: LPT on refresh cost under a cap on optimizer-state bytes.
-
-    Memory is the hard constraint (the rank with the most state sets the memory a run needs), so the
-    state bytes of a rank may not exceed `state_slack` x the mean (or the largest single item, if that
-    is bigger); among the ranks where the item fits, it goes to the one with the least refresh cost so
-    far (then the least state, then the lowest rank). Items are taken largest first by the larger of
-    their two shares (of total cost, of total state), then by name. Deterministic from the arguments
-    alone (not from dict order), so every rank computes the same plan.
-    """
-    names = list(shapes)
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if world_size > len(names):
-        raise ValueError(f"world size {world_size} exceeds the {len(names)} parameters to own; "
-                         f"use at most {len(names)} data-parallel ranks for this model")
-    costs = {n: param_cost(n, shapes[n], cfg) for n in names}
-    total_c = sum(c for c, _ in costs.values()) or 1.0
-    total_b = sum(b for _, b in costs.values()) or 1.0
-    share = {n: (c / total_c, b / total_b) for n, (c, b) in costs.items()}
-    cap = max(state_slack / world_size, max(b for _, b in share.values()))
-    order = sorted(names, key=lambda n: (-max(share[n]), -sum(share[n]), n))
-    load_c = [0.0] * world_size
-    load_b = [0.0] * world_size
-    plan: dict[str, int] = {}
-    for n in order:
-        c, b = share[n]
-        fits = [r for r in range(world_size) if load_b[r] + b <= cap + 1e-12]
-        if fits:
-            best = min(fits, key=lambda r: (load_c[r] + c, load_b[r] + b, r))
-        else:
-            best = min(range(world_size), key=lambda r: (load_b[r] + b, load_c[r] + c, r))
-        load_c[best] += c
-        load_b[best] += b
-        plan[n] = best
-    return {n: plan[n] for n in sorted(names)}
-
-
-def plan_summary(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size: int | None = None) -> dict:
-    """Per-rank state bytes, refresh cost and parameter count, with max/mean imbalance of each."""
-    world = world_size or (max(plan.values()) + 1)
-    state = [0.0] * world
-    cost = [0.0] * world
-    count = [0] * world
-    for n, r in plan.items():
-        c, b = param_cost(n, shapes[n], cfg)
-        state[r] += b
-        cost[r] += c
-        count[r] += 1
-    imb = lambda xs: max(xs) / (sum(xs) / len(xs)) if sum(xs) else 1.0
-    return {"world_size": world, "state_bytes": state, "cost": cost, "params": count,
-            "state_imbalance": imb(state), "cost_imbalance": imb(cost)}
-
-
-def describe_plan(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size: int | None = None,
-                  print_fn=print) -> dict:
-    """Print one line per rank (state MiB, share of refresh cost, #params) and the imbalance; return the summary."""
-    s = plan_summary(plan, shapes, cfg, world_size)
-    total_cost = sum(s["cost"]) or 1.0
-    for r in range(s["world_size"]):
-        print_fn(f"rank {r:3d}: state {s['state_bytes'][r] / 2**20:10.1f} MiB  "
-                 f"refresh cost {100 * s['cost'][r] / total_cost:5.1f}%  params {s['params'][r]}")
-    print_fn(f"max/mean imbalance: state {s['state_imbalance']:.3f}  refresh cost {s['cost_imbalance']:.3f}")
-    return s
-
-
-def run_signature(named, cfg, world_size: int, grad_mode: str) -> dict:
-    """What every rank must agree on before the first collective: parameters (names, shapes, dtypes in order),
-    the optimizer config, the world size and the gradient mode."""
-    optim = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
-    return {"world_size": world_size, "grad_mode": grad_mode, "optim": optim,
-            "params": [[n, list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in named]}
-
-
-def describe_disagreement(sigs: list[dict]) -> str:
-    """One line naming the first thing in which some rank's `run_signature` differs from rank 0's."""
-    ref = sigs[0]
-    for r, sig in enumerate(sigs[1:], start=1):
-        if sig == ref:
-            continue
-        for key in ("world_size", "grad_mode"):
-            if sig[key] != ref[key]:
-                return f"ranks disagree: rank {r} has {key}={sig[key]}, rank 0 has {ref[key]}; launch every rank alike"
-        for key in sorted(set(ref["optim"]) | set(sig["optim"])):
-            if sig["optim"].get(key) != ref["optim"].get(key):
-                return (f"ranks disagree: rank {r} has optim.{key}={sig['optim'].get(key)!r}, rank 0 has "
-                        f"optim.{key}={ref['optim'].get(key)!r}; launch every rank with the same config")
-        a, b = ref["params"], sig["params"]
-        for i in range(max(len(a), len(b))):
-            pa = a[i] if i < len(a) else None
-            pb = b[i] if i < len(b) else None
-            if pa != pb:
-                return (f"ranks disagree on the model: parameter {i} is {pb} on rank {r} but {pa} on rank 0; "
-                        f"launch every rank with the same --model.* settings and dtype")
-    return "ranks disagree on the run signature; launch every rank with the same config"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,6 +132,10 @@ class ShardedOptimizer:
         self.world_size = world if self.distributed else 1
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         self.device = self._comm_device()
+        # the gradients' wire dtype: optim.comm_dtype, "auto" = the parameters' (bf16 for a bf16 model, as DDP)
+        self.comm_dtype = {"auto": next((p.dtype for _, p in self.named), torch.float32),
+                           "float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(cfg, "comm_dtype", "auto")]
+        self.ledger: CommLedger | None = None      # attach one to count this rank's bytes (bench/comm.py, tests)
         shapes = {n: tuple(p.shape) for n, p in self.named}
         self.plan = plan_ownership(shapes, self.world_size, cfg)
         self.owned = [(n, p) for n, p in self.named if self.plan[n] == self.rank]
@@ -282,7 +183,7 @@ class ShardedOptimizer:
         digest = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).digest()
         mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64, device=self.device)
         everyone = mine.repeat(self.world_size)          # a no-op collective (the fake process group) keeps them equal
-        dist.all_gather_single(everyone, mine, group=self.group)
+        comm.all_gather_single(everyone, mine, self.group, self.ledger, "signature")
         if bool((everyone == mine).all()):
             return
         sigs: list = [None] * self.world_size
@@ -318,17 +219,18 @@ class ShardedOptimizer:
             self._grads_to_masters()
             self._synced = True
             return
+        wire = torch.empty((), dtype=self.comm_dtype).element_size()
         present = torch.tensor([p.grad is not None for _, p in self.named], dtype=torch.int32, device=self.device)
-        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        comm.all_reduce(present, self.group, self.ledger, "flags", op=dist.ReduceOp.MAX)
         live = [(n, p) for (n, p), f in zip(self.named, present.tolist()) if f]
         self._live = [n for n, _ in live]
         if self.grad_mode == "allreduce":
-            for bucket in _buckets(live, lambda np_: np_[1].numel() * 4):
+            for bucket in _buckets(live, lambda np_: np_[1].numel() * wire):
                 self._reduce_bucket(bucket, dst=None)
         else:
             for owner in range(self.world_size):
                 mine = [(n, p) for n, p in live if self.plan[n] == owner]
-                for bucket in _buckets(mine, lambda np_: np_[1].numel() * 4):
+                for bucket in _buckets(mine, lambda np_: np_[1].numel() * wire):
                     self._reduce_bucket(bucket, dst=owner)
             for n, p in self.named:
                 if self.plan[n] != self.rank:
@@ -337,16 +239,16 @@ class ShardedOptimizer:
         self._synced = True
 
     def _reduce_bucket(self, bucket, dst):
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for _, p in bucket]
+        cdt = self.comm_dtype
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(cdt) for _, p in bucket]
         flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
         if dst is None:
-            dist.all_reduce(flat, group=self.group)
+            comm.all_reduce(flat, self.group, self.ledger, "grads")
         else:
-            gdst = dist.get_global_rank(self.group, dst) if self.group is not None else dst
-            dist.reduce(flat, dst=gdst, group=self.group)
+            comm.reduce(flat, dst, self.group, self.ledger, "grads")
             if dst != self.rank:
                 return
-        flat.div_(self.world_size)
+        flat = flat.float().div_(self.world_size)     # averaged in fp32 whatever the wire dtype
         off = 0
         for n, p in bucket:
             k = p.numel()
@@ -384,7 +286,7 @@ class ShardedOptimizer:
                 norms[idx[n]] = v.float()
                 owned_grads.append(h)
         if self.distributed:
-            dist.all_reduce(norms, group=self.group)      # each entry is non-zero on one rank only: exact
+            comm.all_reduce(norms, self.group, self.ledger, "norms")   # one non-zero entry per parameter: exact
         total = torch.linalg.vector_norm(norms, 2)
         if max_norm > 0 and owned_grads:
             torch.nn.utils.clip_grads_with_norm_([h for h in owned_grads], max_norm, total)
@@ -406,22 +308,28 @@ class ShardedOptimizer:
         for n, master in self.masters.items():
             self._owned_map[n].copy_(master)
             master.grad = None
-        if self.distributed:
-            for owner in range(self.world_size):
-                params = [p for n, p in self.named if self.plan[n] == owner]
-                for bucket in _buckets(params, lambda p: p.numel() * p.element_size()):
-                    self._broadcast_bucket(bucket, owner)
+        self.broadcast_weights()
         self._synced = self._clipped = False
 
+    @torch.no_grad()
+    def broadcast_weights(self) -> None:
+        """Every owner sends its (updated) parameters to the other ranks, in the parameters' dtype, coalesced
+        into buckets of at most BUCKET_BYTES per owner. Called by step(); nothing to do on one process."""
+        if not self.distributed:
+            return
+        for owner in range(self.world_size):
+            params = [p for n, p in self.named if self.plan[n] == owner]
+            for bucket in _buckets(params, lambda p: p.numel() * p.element_size()):
+                self._broadcast_bucket(bucket, owner)
+
     def _broadcast_bucket(self, params, owner):
-        src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
         by_dtype: dict[torch.dtype, list] = {}
         for p in params:
             by_dtype.setdefault(p.dtype, []).append(p)
         for ps in by_dtype.values():
             flat = torch.cat([p.detach().reshape(-1) for p in ps]) if owner == self.rank else \
                 torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
-            dist.broadcast(flat, src=src, group=self.group)
+            comm.broadcast(flat, owner, self.group, self.ledger, "weights")
             if owner != self.rank:
                 off = 0
                 for p in ps:

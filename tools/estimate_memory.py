@@ -82,7 +82,8 @@ if str(REPO) not in sys.path:
 
 from config import OptimConfig  # noqa: E402
 from optim.adam import FOREACH_CHUNK_NUMEL, is_projected, projects, state_bytes  # noqa: E402
-from optim.sharded import BUCKET_BYTES, plan_ownership, tensor_bytes  # noqa: E402
+from optim.ownership import plan_ownership  # noqa: E402
+from optim.sharded import BUCKET_BYTES, tensor_bytes  # noqa: E402
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")

@@ -173,6 +173,15 @@ def test_missing_rank_file_is_detected(torchrun_results, tmp_path):
         load_optimizer_shards(opt, d)
 
 
+@pytest.mark.parametrize("mode", ["allreduce", "reduce"])
+def test_ledger_of_a_real_step_equals_the_fake_group_count(torchrun_results, mode):
+    """The bytes bench/comm.py counts on the fake process group are what 2 gloo ranks really send."""
+    from test_comm import fake_step_ledger
+    _, res = torchrun_results
+    _, fake = fake_step_ledger(2, mode)
+    assert res[f"ledger/{mode}"] == fake.totals()
+
+
 def test_bf16_masters_on_owners_only(torchrun_results):
     _, res = torchrun_results
     infos = res["bf16/info"]              # per rank: #masters, #owned, masters fp32, params bf16, same names

@@ -14,7 +14,8 @@ from config import OptimConfig  # noqa: E402
 from model.llama import build_model  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from optim.deepspeed_glue import DeepSpeedConfigError, read_deepspeed_config  # noqa: E402
-from optim.sharded import (ShardedOptimizer, load_optimizer_shards, param_cost, plan_ownership, plan_summary,  # noqa: E402
+from optim.ownership import param_cost, plan_ownership, plan_summary  # noqa: E402
+from optim.sharded import (ShardedOptimizer, load_optimizer_shards,  # noqa: E402
                            save_optimizer_shards, tensor_bytes)
 
 
@@ -188,7 +189,7 @@ def test_deepspeed_batch_settings_come_from_the_run():
 
 
 def test_rank_disagreement_names_the_difference():
-    from optim.sharded import describe_disagreement, run_signature
+    from optim.ownership import describe_disagreement, run_signature
     model = C.tiny_model()
     named = list(model.named_parameters())
     a = run_signature(named, C.make_cfg("galore"), 2, "reduce")

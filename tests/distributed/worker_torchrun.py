@@ -63,6 +63,15 @@ def main(out: Path, ckpt1: Path, names: list[str]):
             res[f"ckpt1to2/{name}"] = C.weights(model)
             res[f"ckpt1to2/{name}/agree"] = C.ranks_agree(model)
 
+    # the ledger of one real step (compared with the fake-process-group count in the test)
+    from optim.comm import CommLedger
+    for mode in ("allreduce", "reduce"):
+        model = C.tiny_model()
+        opt = sharded(model, "rgp", mode)
+        opt.ledger = CommLedger(world)
+        C.train(model, opt, 0, 1, rank, world)
+        res[f"ledger/{mode}"] = opt.ledger.totals()
+
     # bf16: fp32 masters on owners only
     model = C.tiny_model(dtype=torch.bfloat16)
     opt = sharded(model, "galore" if "galore" in names else names[0], "reduce")

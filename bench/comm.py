@@ -1,0 +1,91 @@
+"""Bytes on the wire per rank per optimizer step: the sharded optimizer's collectives against DDP and ZeRO-2.
+
+    python bench/comm.py                       # 60M and 1B at world sizes 2, 8, 64 (fake process group)
+    python bench/comm.py --models 60m --worlds 2
+
+The sharded optimizer's own code path runs (`sync_gradients`, `clip_grad_norm_`, `broadcast_weights`, i.e. a
+step without the optimizer math, which moves no bytes) as rank 0 of a `fake` process group of the given world
+size, with a `CommLedger` attached (optim/comm.py: ring-algorithm bytes per rank). Every rank takes part in
+every collective of these modes, so rank 0's count is every rank's. tests/distributed check the ledger of a
+real 2-rank gloo run against this one.
+
+One JSON line per (model, world, mode, communication dtype):
+  {"bench": "comm", "model", "world", "optim", "mode": "stage1" | "stage2", "comm_dtype",
+   "grad_bytes_per_rank", "weight_bytes_per_rank", "other_bytes_per_rank" (flags, norms),
+   "bytes_per_rank" (their sum), "ddp_bf16_bytes", "zero2_bf16_bytes", "vs_ddp_bf16", "vs_zero2_bf16"}
+Modes: stage1 all-reduces every gradient, stage2 reduces each to its owner; then each owner broadcasts its
+updated weights (bf16 model). Accumulation 1, so ZeRO-2's per-micro-batch reduce-scatter happens once.
+Not built yet (so not printed): the reduce-scatter/all-gather layout and low-rank gradient communication.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config import OptimConfig  # noqa: E402
+from model import build_model  # noqa: E402
+from optim.comm import CommLedger, ddp_bytes, zero2_bytes  # noqa: E402
+from optim.sharded import ShardedOptimizer  # noqa: E402
+
+RANKS = {"60m": 128, "1b": 512, "tiny": 64}
+MODES = {"stage1": "allreduce", "stage2": "reduce"}
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def count_step(model, world: int, optim: str, rank: int, grad_mode: str, comm_dtype: str) -> dict:
+    """Ledger totals of one optimizer step of rank 0 of `world` (fake process group)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    for p in model.parameters():             # a full gradient on every rank (the step frees or moves some)
+        p.grad = torch.zeros_like(p)
+    try:
+        cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype)
+        opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=grad_mode,
+                               build_inner=lambda named, cfg: None)      # no optimizer math: it sends nothing
+        opt.ledger = CommLedger(world)
+        opt.sync_gradients()
+        opt.clip_grad_norm_(1.0)
+        opt.broadcast_weights()
+        by_tag = opt.ledger.totals()["by_tag"]
+    finally:
+        dist.destroy_process_group()
+    return by_tag
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="60m,1b")
+    ap.add_argument("--worlds", default="2,8,64")
+    ap.add_argument("--optim", default="rgp")
+    args = ap.parse_args(argv)
+    for size in args.models.split(","):
+        torch.manual_seed(0)
+        model = build_model(size, 32000, 256).to(torch.bfloat16)      # the GPU recipes' bf16 weights
+        numel = sum(p.numel() for p in model.parameters())
+        for world in (int(w) for w in args.worlds.split(",")):
+            ddp, zero2 = ddp_bytes(numel, world, 2), zero2_bytes(numel, world, 2)
+            for mode, grad_mode in MODES.items():
+                for comm_dtype in ("float32", "bfloat16"):
+                    t = count_step(model, world, args.optim, RANKS[size], grad_mode, comm_dtype)
+                    grad, weights = t.get("grads", 0.0), t.get("weights", 0.0)
+                    other = sum(v for k, v in t.items() if k not in ("grads", "weights"))
+                    total = grad + weights + other
+                    emit(bench="comm", model=size, params=numel, world=world, optim=args.optim, mode=mode,
+                         comm_dtype=comm_dtype, grad_bytes_per_rank=int(grad), weight_bytes_per_rank=int(weights),
+                         other_bytes_per_rank=int(other), bytes_per_rank=int(total), ddp_bf16_bytes=int(ddp),
+                         zero2_bf16_bytes=int(zero2), vs_ddp_bf16=round(total / ddp, 3),
+                         vs_zero2_bf16=round(total / zero2, 3))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""optim/comm.py: the ledger counts exactly the collectives the sharded optimizer issues (ring bytes per rank),
+and gradients travel in optim.comm_dtype. Counted as rank 0 of a `fake` process group; test_multiprocess
+checks that a real 2-rank gloo step issues the same ledger."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist_common as C  # noqa: E402
+
+from optim.comm import CommLedger, ddp_bytes, ring_bytes, zero2_bytes  # noqa: E402
+from optim.sharded import ShardedOptimizer  # noqa: E402
+
+
+def fake_step_ledger(world, grad_mode, dtype=torch.float32, comm_dtype="auto"):
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        model = C.tiny_model(dtype=dtype)
+        cfg = C.make_cfg("rgp")
+        cfg.comm_dtype = comm_dtype
+        opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=grad_mode)
+        opt.ledger = CommLedger(world)
+        batch = C.global_batch(0)
+        model(batch[:, :-1], batch[:, 1:])[1].backward()
+        opt.sync_gradients()
+        opt.clip_grad_norm_(C.CLIP)
+        opt.step()
+        return model, opt.ledger
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 8])
+@pytest.mark.parametrize("grad_mode", ["allreduce", "reduce"])
+def test_ledger_counts_what_a_step_sends(world, grad_mode):
+    model, ledger = fake_step_ledger(world, grad_mode)
+    numel = sum(p.numel() for p in model.parameters())
+    n_params = len(list(model.parameters()))
+    t = ledger.totals()["by_tag"]
+    grad_op = "all_reduce" if grad_mode == "allreduce" else "reduce"
+    assert t["grads"] == pytest.approx(ring_bytes(grad_op, 4 * numel, world))          # fp32 model: fp32 wire
+    assert t["weights"] == pytest.approx(4 * numel)                                     # broadcast: 1x per rank
+    assert t["flags"] == pytest.approx(ring_bytes("all_reduce", 4 * n_params, world))   # int32 per parameter
+    assert t["norms"] == pytest.approx(ring_bytes("all_reduce", 4 * n_params, world))
+    ops = {r.op for r in ledger.records if r.tag == "grads"}
+    assert ops == {grad_op}
+
+
+def test_bf16_model_sends_bf16_gradients_unless_told_otherwise():
+    model, ledger = fake_step_ledger(2, "reduce", dtype=torch.bfloat16)
+    numel = sum(p.numel() for p in model.parameters())
+    assert {r.dtype for r in ledger.records if r.tag == "grads"} == {"bfloat16"}
+    assert ledger.totals()["by_tag"]["grads"] == pytest.approx(2 * numel)
+    _, ledger32 = fake_step_ledger(2, "reduce", dtype=torch.bfloat16, comm_dtype="float32")
+    assert {r.dtype for r in ledger32.records if r.tag == "grads"} == {"float32"}
+    assert ledger32.totals()["by_tag"]["grads"] == pytest.approx(4 * numel)
+
+
+def test_reference_formulas():
+    # DDP in bf16 at 8 ranks: 2 x 7/8 x 2 bytes per parameter; ZeRO-2: 7/8 x 2 (reduce-scatter) + 7/8 x 2 (gather)
+    assert ddp_bytes(1000, 8) == pytest.approx(3500)
+    assert zero2_bytes(1000, 8) == pytest.approx(3500)
+    assert zero2_bytes(1000, 8, micro_batches=4) == pytest.approx(4 * 1750 + 1750)
+    assert ring_bytes("broadcast", 1000, 1) == 0
