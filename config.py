@@ -61,6 +61,7 @@ class OptimConfig:
     moments_on_refresh: str = "keep"   # keep (GaLore) or project (re-express moments in the new basis)
     layerwise: bool = False            # step each parameter in its post-accumulate-grad hook
     comm_dtype: str = "auto"           # gradient communication dtype: auto (the weights'), float32, bfloat16
+    lowrank_comm: bool = False         # send projected gradients G @ Q instead of G (galore/rgp, >1 process)
 
 
 @dataclass

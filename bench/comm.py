@@ -13,9 +13,11 @@ One JSON line per (model, world, mode, communication dtype):
   {"bench": "comm", "model", "world", "optim", "mode": "stage1" | "stage2", "comm_dtype",
    "grad_bytes_per_rank", "weight_bytes_per_rank", "other_bytes_per_rank" (flags, norms),
    "bytes_per_rank" (their sum), "ddp_bf16_bytes", "zero2_bf16_bytes", "vs_ddp_bf16", "vs_zero2_bf16"}
-Modes: stage1 all-reduces every gradient, stage2 reduces each to its owner; then each owner broadcasts its
-updated weights (bf16 model). Accumulation 1, so ZeRO-2's per-micro-batch reduce-scatter happens once.
-Not built yet (so not printed): the reduce-scatter/all-gather layout and low-rank gradient communication.
+Modes: stage1 all-reduces every gradient, stage2 reduces each to its owner, lowrank (optim.lowrank_comm)
+reduces projected gradients G_i @ Q to the owner (the other parameters as stage2), amortised over T = 200
+steps whose first refreshes the bases (RGP: sketches Y and B reduced, Q and the new basis broadcast); then
+each owner broadcasts its updated weights (bf16 model). Accumulation 1, so ZeRO-2's per-micro-batch
+reduce-scatter happens once. Not built yet: a reduce-scatter/all-gather layout, and low-rank weight updates.
 """
 from __future__ import annotations
 
@@ -35,31 +37,43 @@ from optim.comm import CommLedger, ddp_bytes, zero2_bytes  # noqa: E402
 from optim.sharded import ShardedOptimizer  # noqa: E402
 
 RANKS = {"60m": 128, "1b": 512, "tiny": 64}
-MODES = {"stage1": "allreduce", "stage2": "reduce"}
+MODES = {"stage1": "allreduce", "stage2": "reduce", "lowrank": "reduce"}
+T = 200                                   # the recipes' refresh interval: lowrank bytes are amortised over it
 
 
 def emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def count_step(model, world: int, optim: str, rank: int, grad_mode: str, comm_dtype: str) -> dict:
-    """Ledger totals of one optimizer step of rank 0 of `world` (fake process group)."""
+def count_step(model, world: int, optim: str, rank: int, mode: str, comm_dtype: str) -> dict:
+    """Ledger totals (bytes by tag) of one optimizer step of rank 0 of `world` (fake process group); for the
+    lowrank mode the average over T steps of which the first refreshes the bases."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    for p in model.parameters():             # a full gradient on every rank (the step frees or moves some)
-        p.grad = torch.zeros_like(p)
     try:
-        cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype)
-        opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=grad_mode,
+        cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype, lowrank_comm=mode == "lowrank")
+        opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=MODES[mode],
                                build_inner=lambda named, cfg: None)      # no optimizer math: it sends nothing
-        opt.ledger = CommLedger(world)
-        opt.sync_gradients()
-        opt.clip_grad_norm_(1.0)
-        opt.broadcast_weights()
-        by_tag = opt.ledger.totals()["by_tag"]
+
+        def one_step():
+            for p in model.parameters():      # a full gradient on every rank (the step frees or moves some)
+                p.grad = torch.zeros_like(p)
+            opt.ledger = CommLedger(world)
+            opt.sync_gradients()
+            opt.clip_grad_norm_(1.0)
+            opt.broadcast_weights()
+            return opt.ledger.totals()["by_tag"]
+
+        first = one_step()
+        if mode != "lowrank":
+            return first
+        opt.bases.update(opt._pending)        # what step() installs; then an ordinary (non-refresh) step
+        opt.proj_steps = {n: 1 for n in opt.proj_steps}
+        opt.zero_grad()
+        steady = one_step()
+        return {k: (first.get(k, 0.0) + (T - 1) * steady.get(k, 0.0)) / T for k in set(first) | set(steady)}
     finally:
         dist.destroy_process_group()
-    return by_tag
 
 
 def main(argv=None):
@@ -74,11 +88,13 @@ def main(argv=None):
         numel = sum(p.numel() for p in model.parameters())
         for world in (int(w) for w in args.worlds.split(",")):
             ddp, zero2 = ddp_bytes(numel, world, 2), zero2_bytes(numel, world, 2)
-            for mode, grad_mode in MODES.items():
+            for mode in MODES:
                 for comm_dtype in ("float32", "bfloat16"):
-                    t = count_step(model, world, args.optim, RANKS[size], grad_mode, comm_dtype)
-                    grad, weights = t.get("grads", 0.0), t.get("weights", 0.0)
-                    other = sum(v for k, v in t.items() if k not in ("grads", "weights"))
+                    t = count_step(model, world, args.optim, RANKS[size], mode, comm_dtype)
+                    # refresh-step sketches, full gradients and bases count as gradient traffic
+                    grad = t.get("grads", 0.0) + t.get("refresh", 0.0) + t.get("bases", 0.0)
+                    weights = t.get("weights", 0.0)
+                    other = sum(v for k, v in t.items() if k not in ("grads", "weights", "refresh", "bases"))
                     total = grad + weights + other
                     emit(bench="comm", model=size, params=numel, world=world, optim=args.optim, mode=mode,
                          comm_dtype=comm_dtype, grad_bytes_per_rank=int(grad), weight_bytes_per_rank=int(weights),

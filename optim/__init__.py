@@ -32,6 +32,9 @@ def validate_optim_config(cfg) -> None:
         raise ValueError(f"optim.eps must be >= 0, got {cfg.eps}")
     if getattr(cfg, "comm_dtype", "auto") not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"optim.comm_dtype must be auto, float32 or bfloat16, got {cfg.comm_dtype!r}")
+    if getattr(cfg, "lowrank_comm", False) and cfg.name.removesuffix("8bit") not in ("galore", "rgp"):
+        raise ValueError(f"optim.lowrank_comm needs a projected optimizer (galore, rgp or their 8-bit variants), "
+                         f"not {cfg.name}; drop --optim.lowrank_comm")
     if cfg.name.removesuffix("8bit") == "adamw":
         return
     if cfg.rank < 1:

@@ -225,14 +225,32 @@ def lowrank_adam_update(p: torch.Tensor, grad: torch.Tensor, state: dict, *, nam
                 new = proj.exact_basis(grad, rank, side)
             else:
                 new = proj.randomized_basis(grad, rank, side, oversampling, power_iters, name=name, step=step)
-            if old is not None and moments_on_refresh == "project" and "step" in state:
-                m, v = load_moments(state)
-                m2, v2 = proj.reproject_moments(m, v, proj.change_of_basis(old, new, side), side)
-                store_moments(state, m2, v2)
-            state["basis"] = new
-    basis = state["basis"]
+            set_basis(state, new, side, moments_on_refresh)
     g32 = grad if grad.dtype == torch.float32 else grad.float()
-    low = proj.project(g32, basis, side)
+    low = proj.project(g32, state["basis"], side)
+    lowrank_adam_apply(p, low, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       scale=scale, side=side, bits=bits)
+    return True
+
+
+@torch.no_grad()
+def set_basis(state: dict, new: torch.Tensor, side: str, moments_on_refresh: str) -> None:
+    """Install a refreshed basis; with moments_on_refresh="project" re-express the moments in it first."""
+    old = state.get("basis")
+    if old is not None and moments_on_refresh == "project" and "step" in state:
+        m, v = load_moments(state)
+        m2, v2 = proj.reproject_moments(m, v, proj.change_of_basis(old, new, side), side)
+        store_moments(state, m2, v2)
+    state["basis"] = new
+
+
+@torch.no_grad()
+def lowrank_adam_apply(p: torch.Tensor, low: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float,
+                       eps: float, weight_decay: float, scale: float, side: str, bits: int) -> None:
+    """The update from the projected gradient `low` in the basis state["basis"] (GaLoreAdamW's math). The
+    sharded optimizer's low-rank communication hands owners `low` directly (optim/sharded.py)."""
+    basis = state["basis"]
+    step = state.get("step", 0)
     if "step" not in state:
         state.update(init_moments(low, bits))
     step += 1
@@ -245,7 +263,6 @@ def lowrank_adam_update(p: torch.Tensor, grad: torch.Tensor, state: dict, *, nam
     p.add_(full.to(p.dtype), alpha=-step_size)
     if weight_decay > 0.0:
         p.add_(p, alpha=(-lr * weight_decay))
-    return True
 
 
 # --------------------------------------------------------------------------------------------- optimizer
@@ -302,6 +319,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                  weight_decay: float):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
+        self.prepared: dict = {}        # param -> projected gradient, set by the sharded optimizer's low-rank comm
         self._names = {}
         self._groups_of = {}
         self._reindex()
@@ -324,7 +342,15 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict | None = None) -> None:
-        """Update one parameter from its own gradient and state (used by step() and the layer-wise hooks)."""
+        """Update one parameter from its own gradient and state (used by step() and the layer-wise hooks), or,
+        for a projected parameter, from a projected gradient the sharded optimizer put in `self.prepared`."""
+        if p in self.prepared:
+            group = group if group is not None else self._groups_of[p]
+            beta1, beta2 = group["betas"]
+            lowrank_adam_apply(p, self.prepared.pop(p), self.state[p], lr=group["lr"], beta1=beta1, beta2=beta2,
+                               eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
+                               side=proj.choose_side(p.shape, group["proj_type"]), bits=group["bits"])
+            return
         if p.grad is None:
             return
         group = group if group is not None else self._groups_of[p]

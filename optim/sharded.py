@@ -62,7 +62,11 @@ import torch
 import torch.distributed as dist
 
 import checkpoint_files
+import warnings
+
 from optim import comm
+from optim import projection as proj
+from optim.adam import is_projected, projects, set_basis
 from optim.comm import CommLedger
 from optim.ownership import describe_disagreement, plan_ownership, run_signature
 
@@ -136,6 +140,18 @@ class ShardedOptimizer:
         self.comm_dtype = {"auto": next((p.dtype for _, p in self.named), torch.float32),
                            "float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(cfg, "comm_dtype", "auto")]
         self.ledger: CommLedger | None = None      # attach one to count this rank's bytes (bench/comm.py, tests)
+        # Low-rank gradient communication (optim.lowrank_comm, the section "Low-rank communication" below)
+        self.lowrank = bool(getattr(cfg, "lowrank_comm", False))
+        if self.lowrank and not projects(cfg.name):
+            raise ValueError(f"optim.lowrank_comm needs a projected optimizer (galore, rgp or their 8-bit variants), "
+                             f"not {cfg.name}; drop --optim.lowrank_comm")
+        self.projected = [n for n, p in self.named if self.lowrank and is_projected(n, p.shape)]
+        self.sides = {n: proj.choose_side(tuple(p.shape), cfg.proj_type) for n, p in self.named if n in self.projected}
+        self.bases: dict[str, torch.Tensor] = {}   # every projected matrix's basis, on every rank
+        self.proj_steps = {n: 0 for n in self.projected}   # updates so far (the owner's state["step"]), every rank
+        self._low: dict[str, torch.Tensor] = {}       # owner: this step's averaged projected gradient
+        self._pending: dict[str, torch.Tensor] = {}   # this step's refreshed bases, installed by step()
+        self._stepped: list[str] = []                 # projected matrices updated by this step
         shapes = {n: tuple(p.shape) for n, p in self.named}
         self.plan = plan_ownership(shapes, self.world_size, cfg)
         self.owned = [(n, p) for n, p in self.named if self.plan[n] == self.rank]
@@ -224,6 +240,10 @@ class ShardedOptimizer:
         comm.all_reduce(present, self.group, self.ledger, "flags", op=dist.ReduceOp.MAX)
         live = [(n, p) for (n, p), f in zip(self.named, present.tolist()) if f]
         self._live = [n for n, _ in live]
+        if self.lowrank:
+            low_rank = set(self.projected)
+            self._sync_projected([(n, p) for n, p in live if n in low_rank], wire)
+            live = [(n, p) for n, p in live if n not in low_rank]
         if self.grad_mode == "allreduce":
             for bucket in _buckets(live, lambda np_: np_[1].numel() * wire):
                 self._reduce_bucket(bucket, dst=None)
@@ -285,11 +305,17 @@ class ShardedOptimizer:
             for (n, h), v in zip(with_grad, per):
                 norms[idx[n]] = v.float()
                 owned_grads.append(h)
+        lows = [n for n, _ in self.owned if n in self._low]      # low-rank comm: what the optimizer sees
+        if lows:
+            for n, v in zip(lows, torch._foreach_norm([self._low[n] for n in lows], 2)):
+                norms[idx[n]] = v.float()
         if self.distributed:
             comm.all_reduce(norms, self.group, self.ledger, "norms")   # one non-zero entry per parameter: exact
         total = torch.linalg.vector_norm(norms, 2)
         if max_norm > 0 and owned_grads:
             torch.nn.utils.clip_grads_with_norm_([h for h in owned_grads], max_norm, total)
+        if max_norm > 0 and lows:                    # the same coefficient clip_grads_with_norm_ applies
+            torch._foreach_mul_([self._low[n] for n in lows], torch.clamp(max_norm / (total + 1e-6), max=1.0))
         self.last_grad_norm = total
         self._global_grad_norm = total
         self._clipped = True
@@ -303,6 +329,8 @@ class ShardedOptimizer:
                 self.sync_gradients()
             if not self._clipped:
                 self.clip_grad_norm_(self.clip_in_step)
+        if self.lowrank:
+            self._install_projected()
         if self.inner is not None:
             self.inner.step()
         for n, master in self.masters.items():
@@ -344,6 +372,11 @@ class ShardedOptimizer:
                 p.grad.zero_()
         for m in self.masters.values():
             m.grad = None
+        self._low.clear()
+        self._pending.clear()
+        self._stepped = []
+        if self.inner is not None:
+            self.inner.prepared.clear()
         self._synced = self._clipped = False
 
     def refresh_masters(self) -> None:
@@ -351,6 +384,130 @@ class ShardedOptimizer:
         with torch.no_grad():
             for n, m in self.masters.items():
                 m.copy_(self._owned_map[n].float())
+
+    # -- Low-rank communication ---------------------------------------------------------------------
+    # optim.lowrank_comm: a projected matrix's update needs only its projected gradient, and projection is
+    # linear, so reduce(G_i) @ Q == reduce(G_i @ Q). Every rank keeps the bases of all projected matrices and
+    # reduces only G_i @ Q (or P^T G_i) to the owner: r / min(m, n) of the bytes. At a refresh, RGP's range
+    # finder is linear in G too (its test matrix is seeded by name and step, the same on every rank): reduce
+    # Y = sum G_i Omega to the owner, which orthonormalises it and broadcasts Q; reduce B = sum Q^T G_i; the
+    # owner finishes the SVD (projection.basis_from_sketch) and, since the new basis P lies in span(Q), already
+    # holds the projected gradient P^T G = (Q^T P)^T B. GaLore's exact SVD needs the full gradient: it is
+    # reduced at refresh steps only. The owner then broadcasts the new basis. Gradient clipping in this mode
+    # uses the norm of what the optimizer sees: projected gradients plus the full non-projected ones.
+
+    def _local_grad(self, p: torch.Tensor) -> torch.Tensor:
+        return p.grad.float() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _sync_projected(self, items: list, wire: int) -> None:
+        T, W = self.cfg.update_proj_gap, self.world_size
+        steady = [(n, p) for n, p in items if n in self.bases and self.proj_steps[n] % T != 0]
+        for owner in range(W):
+            mine = [(n, p) for n, p in steady if self.plan[n] == owner]
+            for bucket in _buckets(mine, lambda np_: self.bases[np_[0]].shape[1] * max(np_[1].shape) * wire):
+                lows = [proj.project(self._local_grad(p), self.bases[n], self.sides[n]) for n, p in bucket]
+                flat = torch.cat([x.reshape(-1) for x in lows]).to(self.comm_dtype)
+                comm.reduce(flat, owner, self.group, self.ledger, "grads")
+                if owner == self.rank:
+                    flat = flat.float().div_(W)
+                    off = 0
+                    for (n, _), x in zip(bucket, lows):
+                        self._low[n] = flat[off:off + x.numel()].view_as(x).clone()
+                        off += x.numel()
+        done = {n for n, _ in steady}
+        for n, p in items:
+            if n not in done:
+                self._refresh_projected(n, p)
+        self._stepped = [n for n, _ in items]
+        for _, p in items:                 # the full gradient of a projected matrix never travels: free it
+            p.grad = None
+
+    def _reduce_to(self, t: torch.Tensor, owner: int, tag: str) -> torch.Tensor:
+        """Sum `t` over ranks onto `owner` (in the wire dtype), averaged in fp32 there."""
+        buf = t.to(self.comm_dtype).contiguous()
+        comm.reduce(buf, owner, self.group, self.ledger, tag)
+        return buf.float().div_(self.world_size)
+
+    def _from(self, t: torch.Tensor | None, shape, owner: int, tag: str) -> torch.Tensor:
+        """The owner's fp32 tensor `t` on every rank."""
+        buf = t.contiguous() if owner == self.rank else torch.empty(shape, dtype=torch.float32, device=self.device)
+        comm.broadcast(buf, owner, self.group, self.ledger, tag)
+        return buf
+
+    def _refresh_projected(self, n: str, p: torch.Tensor) -> None:
+        cfg, side, owner = self.cfg, self.sides[n], self.plan[n]
+        mine = owner == self.rank
+        g = self._local_grad(p)
+        rank = cfg.rank
+        if cfg.name.startswith("galore"):          # exact SVD: the full gradient, at refresh steps only
+            full = self._reduce_to(g, owner, "refresh")
+            new = proj.exact_basis(full, rank, side) if mine else None
+            low = proj.project(full, new, side) if mine else None
+        else:                                      # RGP: the randomized range finder from summed sketches
+            a = g if side == "left" else g.t()                       # the basis spans a's columns
+            M, N = a.shape
+            k = min(rank + max(cfg.oversampling, 0), min(M, N))
+            omega = proj.sketch_matrix(N, k, n, self.proj_steps[n]).to(a.device)
+            y = self._reduce_to(a @ omega, owner, "refresh")
+            q = proj._orthonormal(y) if mine else None
+            for _ in range(cfg.power_iters):
+                q = self._from(q, (M, k), owner, "refresh")
+                z = self._reduce_to(a.t() @ q, owner, "refresh")
+                z = self._from(proj._orthonormal(z) if mine else None, (N, k), owner, "refresh")
+                y = self._reduce_to(a @ z, owner, "refresh")
+                q = proj._orthonormal(y) if mine else None
+            q = self._from(q, (M, k), owner, "refresh")
+            b = self._reduce_to(q.t() @ a, owner, "refresh")
+            new = proj.basis_from_sketch(q, b, rank) if mine else None
+            if mine:
+                low = (q.t() @ new).t() @ b                          # P^T a: P lies in span(q)
+                low = low if side == "left" else low.t()
+        if mine:
+            if not bool(torch.isfinite(new).all()):  # keep the old basis (as the optimizer does); the non-finite
+                warnings.warn(f"non-finite gradient for {n}: projection refresh skipped")   # norm stops the step
+                new = self.bases.get(n, new)
+            self._low[n] = low
+        shape = (p.shape[1] if side == "right" else p.shape[0], rank)
+        self._pending[n] = self._from(new, shape, owner, "bases")
+
+    def _install_projected(self) -> None:
+        """step(): the refreshed bases take effect (owners: in the optimizer state, moments re-expressed if
+        asked), owners hand their projected gradients to the optimizer, every rank counts the update."""
+        for n, basis in self._pending.items():
+            if self.plan[n] == self.rank:
+                holder = self._grad_holder(n, self._owned_map[n])
+                set_basis(self.inner.state[holder], basis, self.sides[n], self.cfg.moments_on_refresh)
+            self.bases[n] = basis
+        for n, low in self._low.items():
+            self.inner.prepared[self._grad_holder(n, self._owned_map[n])] = low
+        for n in self._stepped:
+            self.proj_steps[n] += 1
+        self._low.clear()
+        self._pending.clear()
+        self._stepped = []
+
+    def _share_projected_state(self) -> None:
+        """After loading a checkpoint: every rank gets every projected matrix's basis and update count from
+        its owner (non-owners' copies are not saved; they are rebuilt here, bit for bit)."""
+        steps = torch.zeros(len(self.projected), dtype=torch.int64, device=self.device)
+        for i, n in enumerate(self.projected):
+            if self.plan[n] == self.rank:
+                st = self.inner.state.get(self._grad_holder(n, self._owned_map[n]), {})
+                if st.get("basis") is not None:
+                    steps[i] = int(st.get("step", 0)) + 1
+        comm.all_reduce(steps, self.group, self.ledger, "resume")
+        self.bases.clear()
+        for i, n in enumerate(self.projected):
+            count = int(steps[i])
+            self.proj_steps[n] = max(count - 1, 0)
+            if count:
+                p = self._owned_map.get(n)
+                mine = self.plan[n] == self.rank
+                basis = self.inner.state[self._grad_holder(n, p)]["basis"] if mine else None
+                shape = (dict(self.named)[n].shape[1] if self.sides[n] == "right" else dict(self.named)[n].shape[0],
+                         self.cfg.rank)
+                got = self._from(basis, shape, self.plan[n], "resume")
+                self.bases[n] = basis if mine else got
 
     # -- state -------------------------------------------------------------------------------------
     def _index_names(self) -> list[str]:
@@ -474,3 +631,5 @@ def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
         for key in ("state", "masters"):
             merged[key].update({n: v for n, v in sd[key].items() if n in need})
     opt.load_state_dict(merged)
+    if opt.lowrank and opt.distributed:      # non-owners' bases are not saved: rebuild them from the owners
+        opt._share_projected_state()

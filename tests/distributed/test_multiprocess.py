@@ -173,6 +173,30 @@ def test_missing_rank_file_is_detected(torchrun_results, tmp_path):
         load_optimizer_shards(opt, d)
 
 
+@pytest.fixture(scope="module")
+def no_clip_reference(one_thread):
+    """One process, the plain optimizer on the full batch, clipping off."""
+    out = {}
+    for name in [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")]:
+        model = C.tiny_model()
+        C.train(model, ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name)), 0, C.STEPS, clip=0.0)
+        out[name] = C.weights(model)
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")])
+@pytest.mark.parametrize("mode", ["allreduce", "reduce"])
+def test_lowrank_comm_matches_single_process(torchrun_results, no_clip_reference, name, mode):
+    """Reducing G_i @ Q (and, at RGP refreshes, the sketches) gives the single process's weights up to the
+    order of the sums; ranks agree bit for bit; a checkpoint resumed by fresh wrappers (non-owners rebuild the
+    bases from the owners) continues bit-identically."""
+    _, res = torchrun_results
+    key = f"lowrank/{name}/{mode}"
+    assert res[f"{key}/agree"], "ranks hold different weights"
+    assert_close(res[key], no_clip_reference[name], name)
+    assert_close(res[f"{key}/resumed"], res[key], name, exact=True)
+
+
 @pytest.mark.parametrize("mode", ["allreduce", "reduce"])
 def test_ledger_of_a_real_step_equals_the_fake_group_count(torchrun_results, mode):
     """The bytes bench/comm.py counts on the fake process group are what 2 gloo ranks really send."""
@@ -203,6 +227,12 @@ def test_deepspeed_matches_single_process(deepspeed_results, full_batch_referenc
     assert_close(res[key], full_batch_reference[name], name)
     # the engine divided each micro-batch loss by gradient_accumulation_steps: same pre-clip norm
     assert abs(res[key + "/grad_norm"] - FULL_BATCH_NORMS[name]) <= 1e-3 * FULL_BATCH_NORMS[name]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")])
+def test_deepspeed_lowrank_comm_matches_single_process(deepspeed_results, no_clip_reference, name):
+    assert deepspeed_results[f"lowrank/{name}/agree"]
+    assert_close(deepspeed_results[f"lowrank/{name}"], no_clip_reference[name], name)
 
 
 def test_deepspeed_refuses_zero3(deepspeed_results):

@@ -64,6 +64,18 @@ def main(out: Path, names: list[str]):
             res[key + "/owned"] = len(opt.owned)
             res[key + "/grad_norm"] = float(opt.last_grad_norm)
             res[key + "/backward_allreduce"] = bool(engine.enable_backward_allreduce)
+    # low-rank gradient communication under the engine (stage 2, clipping off)
+    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
+        model = C.tiny_model()
+        ds = read_deepspeed_config(ds_config(out, 2), 2)
+        cfg = C.make_cfg(name)
+        cfg.lowrank_comm = True
+        opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=ds.grad_mode)
+        engine = init_deepspeed(model, opt, ds)
+        C.train(model, opt, 0, C.STEPS, dist.get_rank(), dist.get_world_size(), accum=ACCUM, engine=engine,
+                clip=0.0)
+        res[f"lowrank/{name}"] = C.weights(model)
+        res[f"lowrank/{name}/agree"] = C.ranks_agree(model)
     # bf16 in the ds_config: we cast the model ourselves, the engine must not wrap our optimizer
     path = ds_config(out, 2)
     conf = json.loads(path.read_text())

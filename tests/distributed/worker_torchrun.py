@@ -63,6 +63,30 @@ def main(out: Path, ckpt1: Path, names: list[str]):
             res[f"ckpt1to2/{name}"] = C.weights(model)
             res[f"ckpt1to2/{name}/agree"] = C.ranks_agree(model)
 
+    # low-rank gradient communication (clipping off: it measures what the optimizer sees), every projected
+    # optimizer x grad mode; and a checkpoint at step 3 resumed by fresh wrappers (non-owner bases rebuilt)
+    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
+        for mode in ("allreduce", "reduce"):
+            model = C.tiny_model()
+            cfg = C.make_cfg(name)
+            cfg.lowrank_comm = True
+            opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=mode)
+            C.train(model, opt, 0, 3, rank, world, clip=0.0)
+            d = out / "lowrank" / f"{name}_{mode}"
+            save_optimizer_shards(opt, d)
+            if rank == 0:
+                torch.save(model.state_dict(), d / "model.pt")
+            dist.barrier()
+            C.train(model, opt, 3, C.STEPS, rank, world, clip=0.0)
+            res[f"lowrank/{name}/{mode}"] = C.weights(model)
+            res[f"lowrank/{name}/{mode}/agree"] = C.ranks_agree(model)
+            model2 = C.tiny_model(seed=7)
+            model2.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+            opt2 = ShardedOptimizer(list(model2.named_parameters()), cfg, grad_mode=mode)
+            load_optimizer_shards(opt2, d)
+            C.train(model2, opt2, 3, C.STEPS, rank, world, clip=0.0)
+            res[f"lowrank/{name}/{mode}/resumed"] = C.weights(model2)
+
     # the ledger of one real step (compared with the fake-process-group count in the test)
     from optim.comm import CommLedger
     for mode in ("allreduce", "reduce"):
