@@ -331,16 +331,19 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
         loss_sum = torch.zeros((), device=device)
         for micro, (x, y) in enumerate(batches.next_step()):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if engine is not None:
-                _, loss = engine(x, y)
-                engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-            elif stepper is not None and micro == t.grad_accum - 1:
-                _, loss = model(x, y)
-                with stepper.armed():  # the last backward of the window updates and frees each gradient
+            # gradient buckets are sent from backward hooks; ZeRO-1 accumulates all but the last micro-batch locally
+            last = micro == t.grad_accum - 1
+            with contextlib.nullcontext() if last else optimizer.no_sync():
+                if engine is not None:
+                    _, loss = engine(x, y)
+                    engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+                elif stepper is not None and last:
+                    _, loss = model(x, y)
+                    with stepper.armed():  # the last backward of the window updates and frees each gradient
+                        (loss / t.grad_accum).backward()
+                else:
+                    _, loss = model(x, y)
                     (loss / t.grad_accum).backward()
-            else:
-                _, loss = model(x, y)
-                (loss / t.grad_accum).backward()
             loss_sum += loss.detach()
 
         # one small collective: the global mean loss, and whether any rank saw a non-finite loss or a signal

@@ -78,17 +78,18 @@ def _global(group, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank
 
 
-def all_reduce(t: torch.Tensor, group, ledger: CommLedger | None, tag: str, op=dist.ReduceOp.SUM):
+def all_reduce(t: torch.Tensor, group, ledger: CommLedger | None, tag: str, op=dist.ReduceOp.SUM,
+               async_op: bool = False):
     if ledger is not None:
         ledger.add("all_reduce", t, tag)
-    return dist.all_reduce(t, op=op, group=group)
+    return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
-def reduce(t: torch.Tensor, dst: int, group, ledger: CommLedger | None, tag: str):
-    """Sum into group rank `dst` (a group-local rank)."""
+def reduce(t: torch.Tensor, dst: int, group, ledger: CommLedger | None, tag: str, async_op: bool = False):
+    """Sum into group rank `dst` (a group-local rank). With async_op, the work handle to wait on."""
     if ledger is not None:
         ledger.add("reduce", t, tag)
-    return dist.reduce(t, dst=_global(group, dst), group=group)
+    return dist.reduce(t, dst=_global(group, dst), group=group, async_op=async_op)
 
 
 def broadcast(t: torch.Tensor, src: int, group, ledger: CommLedger | None, tag: str):

@@ -52,6 +52,8 @@ the state is keyed by parameter name, so a run resumes on a different number of 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +74,8 @@ from optim.ownership import describe_disagreement, plan_ownership, run_signature
 
 FORMAT_VERSION = 1
 BUCKET_BYTES = 64 * 2**20          # flatten gradients / weights into collectives of at most this size
+GRAD_BUCKET_BYTES = 16 * 2**20     # gradient buckets sent during backward (smaller: less held, earlier overlap)
+MAX_INFLIGHT = 1                   # gradient buckets in flight besides the newest (each holds a wire buffer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,6 +156,11 @@ class ShardedOptimizer:
         self._low: dict[str, torch.Tensor] = {}       # owner: this step's averaged projected gradient
         self._pending: dict[str, torch.Tensor] = {}   # this step's refreshed bases, installed by step()
         self._stepped: list[str] = []                 # projected matrices updated by this step
+        # Overlapped reduction ("Gradients during backward" below): fixed owner buckets, launched from hooks
+        self.overlap = self.distributed and not self.lowrank
+        self.track_grad_memory = False                # measure grad_bytes_peak (tests, bench): costs a loop per hook
+        self.grad_bytes_peak = 0
+        self._no_sync = False
         shapes = {n: tuple(p.shape) for n, p in self.named}
         self.plan = plan_ownership(shapes, self.world_size, cfg)
         self.owned = [(n, p) for n, p in self.named if self.plan[n] == self.rank]
@@ -176,6 +185,8 @@ class ShardedOptimizer:
         self._clipped = False
         if self.distributed:
             self._check_ranks_agree()
+        if self.overlap:
+            self._build_buckets()
 
     def _comm_device(self) -> torch.device:
         """The device of every collective buffer: the parameters' device. NCCL only takes CUDA tensors, and on a
@@ -233,6 +244,10 @@ class ShardedOptimizer:
                                    "build it after init_process_group so it shards across the ranks")
             self._live = [n for n, p in self.named if p.grad is not None]
             self._grads_to_masters()
+            self._synced = True
+            return
+        if self.overlap:
+            self._finish_backward()
             self._synced = True
             return
         wire = torch.empty((), dtype=self.comm_dtype).element_size()
@@ -365,6 +380,11 @@ class ShardedOptimizer:
                     off += p.numel()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.overlap and not self._synced and (self._next_bucket or self._inflight):
+            self._finish_backward()        # buckets already sent must be matched on every rank, then dropped
+        if self.overlap:
+            self._acc.clear()
+            self._seen.clear()
         for _, p in self.named:
             if set_to_none:
                 p.grad = None
@@ -384,6 +404,149 @@ class ShardedOptimizer:
         with torch.no_grad():
             for n, m in self.masters.items():
                 m.copy_(self._owned_map[n].float())
+
+    # -- Gradients during backward ------------------------------------------------------------------
+    # Parameters are packed, in reverse model order (the order backward produces their gradients), into buckets
+    # of at most BUCKET_BYTES that each belong to one owner. A post-accumulate-grad hook counts a parameter in;
+    # when a bucket is complete its reduction (to the owner; all-reduce in "allreduce" mode) starts at once,
+    # asynchronously, so communication overlaps the rest of backward. Buckets start strictly in their fixed
+    # order, so every rank issues the same collectives in the same order (NCCL requires it). As with DDP
+    # without find_unused_parameters, every rank must produce the same parameters' gradients in a micro-batch
+    # (a LLaMA uses all of its parameters); a parameter without a gradient anywhere is sent as zeros once at
+    # sync_gradients and then treated as absent (its grad stays None, the optimizer skips it). The
+    # local gradient is copied into the bucket's wire buffer and freed at once, and the owner adds the reduced
+    # bucket into an fp32 accumulator: with "reduce" (ZeRO-2) every micro-batch is reduced this way, so no
+    # rank ever holds the full gradient. Inside `no_sync()` (the trainer wraps every micro-batch but the
+    # last) "allreduce" (ZeRO-1) accumulates locally and reduces once, like DDP. sync_gradients() waits.
+
+    def _build_buckets(self) -> None:
+        wire = torch.empty((), dtype=self.comm_dtype).element_size()
+        open_: dict[int, list] = {}
+        used: dict[int, int] = {}
+        self._bucket_names: list[list[str]] = []
+        for n, p in reversed(self.named):
+            owner = self.plan[n]
+            b = open_.setdefault(owner, [])
+            if b and used[owner] + p.numel() * wire > GRAD_BUCKET_BYTES:
+                self._bucket_names.append(b)
+                b = open_[owner] = []
+                used[owner] = 0
+            b.append(n)
+            used[owner] = used.get(owner, 0) + p.numel() * wire
+        self._bucket_names += [b for _, b in sorted(open_.items()) if b]
+        self._bucket_of = {n: i for i, b in enumerate(self._bucket_names) for n in b}
+        self._params = dict(self.named)
+        self._arrived = [0] * len(self._bucket_names)
+        self._counted: set[str] = set()            # counted into its bucket during this micro-batch
+        self._next_bucket = 0
+        self._inflight: list = []                  # (bucket index, work, wire buffer)
+        self._acc: dict[str, torch.Tensor] = {}    # fp32 sums of reduced gradients (owner; all in "allreduce")
+        self._seen: set[str] = set()               # had a gradient on this rank during this step
+        for n, p in self.named:
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, n))
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate locally ("allreduce") or are still reduced ("reduce")."""
+        self._no_sync = True
+        try:
+            yield
+        finally:
+            self._no_sync = False
+
+    def _on_grad(self, name: str, p: torch.Tensor) -> None:
+        if not self.overlap:
+            return
+        self._seen.add(name)
+        if not (self._no_sync and self.grad_mode == "allreduce") and name not in self._counted:
+            self._counted.add(name)
+            i = self._bucket_of[name]
+            self._arrived[i] += 1
+            while self._next_bucket < len(self._bucket_names) and \
+                    self._arrived[self._next_bucket] == len(self._bucket_names[self._next_bucket]):
+                self._launch(self._next_bucket)
+        if self.track_grad_memory:
+            self._note_grad_memory()
+
+    def _launch(self, i: int) -> None:
+        names = self._bucket_names[i]
+        params = [self._params[n] for n in names]
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.comm_dtype)
+                 for p in params]
+        # One parameter: its gradient's own storage is the wire buffer (no copy); it is released from .grad below
+        flat = torch.cat(grads) if len(grads) > 1 else grads[0]
+        for p in params:
+            p.grad = None                          # its values are in the bucket now
+        owner = self.plan[names[0]]
+        if self.grad_mode == "allreduce":
+            work = comm.all_reduce(flat, self.group, self.ledger, "grads", async_op=True)
+        else:
+            work = comm.reduce(flat, owner, self.group, self.ledger, "grads", async_op=True)
+        self._inflight.append((i, work, flat))
+        while len(self._inflight) > MAX_INFLIGHT:  # bound the wire buffers alive at once
+            self._wait_oldest()
+        self._next_bucket += 1
+        if self._next_bucket == len(self._bucket_names):     # every bucket of this micro-batch is out
+            self._next_bucket = 0
+            self._arrived = [0] * len(self._bucket_names)
+            self._counted.clear()
+            if self.track_grad_memory:
+                self._note_grad_memory()
+            self._wait_all()                       # before the next micro-batch reuses the buckets
+
+    def _wait_all(self) -> None:
+        while self._inflight:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        i, work, flat = self._inflight.pop(0)
+        work.wait()
+        names = self._bucket_names[i]
+        if self.plan[names[0]] != self.rank:
+            return          # not ours: dropped (also after an all-reduce: only the owner uses a gradient)
+        flat = flat.float().div_(self.world_size)  # averaged in fp32 whatever the wire dtype
+        off = 0
+        for n in names:
+            k = self._params[n].numel()
+            g = flat[off:off + k]
+            off += k
+            if n in self._acc:
+                self._acc[n].add_(g)
+            else:
+                self._acc[n] = g                   # a view: the buffer becomes the accumulator, no copy
+
+    def _finish_backward(self) -> None:
+        """Start every bucket not started yet (in order), wait, and hand the averaged gradients over."""
+        # A round in progress, or gradients not yet counted into a complete bucket: finish the round. Whether
+        # that is so is the same on every rank when every rank uses the same parameters (module docstring).
+        if self._next_bucket or self._counted or self._pending_local():
+            for j in range(self._next_bucket, len(self._bucket_names)):
+                self._launch(j)
+        self._wait_all()
+        present = torch.tensor([n in self._seen for n, _ in self.named], dtype=torch.int32, device=self.device)
+        comm.all_reduce(present, self.group, self.ledger, "flags", op=dist.ReduceOp.MAX)
+        self._live = [n for (n, _), f in zip(self.named, present.tolist()) if f]
+        live = set(self._live)
+        for n, p in self.named:
+            acc = self._acc.pop(n, None)
+            if acc is None or n not in live:
+                p.grad = None
+            elif n in self.masters:
+                self.masters[n].grad = acc.view_as(p)
+                p.grad = None
+            else:
+                p.grad = acc.view_as(p) if p.dtype == torch.float32 else acc.view_as(p).to(p.dtype)
+        self._acc.clear()
+        self._seen.clear()
+
+    def _pending_local(self) -> bool:
+        return any(p.grad is not None for p in self._params.values())
+
+    def _note_grad_memory(self) -> None:
+        held = sum(p.grad.numel() * p.grad.element_size() for p in self._params.values() if p.grad is not None)
+        held += sum(t.numel() * t.element_size() for t in self._acc.values())
+        held += sum(f.numel() * f.element_size() for _, _, f in self._inflight)
+        self.grad_bytes_peak = max(self.grad_bytes_peak, held)
 
     # -- Low-rank communication ---------------------------------------------------------------------
     # optim.lowrank_comm: a projected matrix's update needs only its projected gradient, and projection is

@@ -9,13 +9,15 @@ Prints a table (one row per component, for the worst rank) and then one JSON lin
 
 Accounting, per rank, for the rank with the most (optimizer state + fp32 masters); names match the JSON keys:
 - weights: every rank holds the full model in --dtype (ownership sharding replicates weights, like ZeRO-1/2).
-- grads_backward: the full gradient in --dtype. Our ShardedOptimizer reduces gradients after the last
-  backward of the step (`sync_gradients`), not bucket by bucket during backward, so at ZeRO-2 as at ZeRO-1
-  every rank holds the full gradient at the end of backward. ZeRO-2 ("reduce to owner") frees the non-owned
-  gradients only after the sync: it lowers memory during the optimizer step, not the backward peak.
-- grads_step: gradients alive during the optimizer step. ZeRO 0/1 (all-reduce): non-owned grads in --dtype
-  stay until zero_grad, owned grads move to the fp32 masters (bf16) or stay in place (fp32). ZeRO-2: only
-  the owned grads (fp32 on masters for bf16, else --dtype).
+- grads_backward: gradients held during backward. One process: the full gradient in --dtype. Several, ZeRO-2:
+  the ShardedOptimizer sends gradient buckets to their owners from backward hooks and frees them at once
+  (optim/sharded.py, "Gradients during backward"), so a rank holds its owned fp32 sums, the largest single
+  gradient (made whole by autograd before it can be sent) and the buckets in transit
+  ((MAX_INFLIGHT + 1) x GRAD_BUCKET_BYTES); tests/distributed/test_comm.py measures this bound. ZeRO 0/1:
+  micro-batches accumulate locally (full gradient in --dtype) and the last backward sends them, owners
+  summing in fp32.
+- grads_step: gradients alive during the optimizer step: the owned fp32 sums (one process: in place, fp32
+  masters' for bf16).
 - optimizer_state: the owned share under the REAL plan (`optim.sharded.plan_ownership` on the model's
   shapes), per parameter `optim.adam.state_bytes`, the state layout of optim/adam.py (which the plan uses too):
     adamw:        2 x 4 x numel (exp_avg, exp_avg_sq in fp32)
@@ -83,7 +85,7 @@ if str(REPO) not in sys.path:
 from config import OptimConfig  # noqa: E402
 from optim.adam import FOREACH_CHUNK_NUMEL, is_projected, projects, state_bytes  # noqa: E402
 from optim.ownership import plan_ownership  # noqa: E402
-from optim.sharded import BUCKET_BYTES, tensor_bytes  # noqa: E402
+from optim.sharded import BUCKET_BYTES, GRAD_BUCKET_BYTES, MAX_INFLIGHT, tensor_bytes  # noqa: E402
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit")
@@ -171,17 +173,24 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
     worst = max(per_rank, key=lambda x: (x["optimizer_state"] + x["masters"], -x["rank"]))
     total_numel = sum(numel_of(s) for s in shapes.values())
     owned_grad_b = 4 if dtype == "bf16" else b         # owned grads live on the fp32 masters under bf16
-    if zero == 2:
-        grads_step = worst["owned_numel"] * owned_grad_b
-    else:
-        grads_step = (total_numel - worst["owned_numel"]) * b + worst["owned_numel"] * owned_grad_b
+    largest = max(numel_of(s) for s in shapes.values())
+    in_transit = min((MAX_INFLIGHT + 1) * GRAD_BUCKET_BYTES, total_numel * b)
+    if world_size == 1:                                # no collectives: the optimizer sees the grads in place
+        grads_backward = total_numel * b
+        grads_step = total_numel * b if dtype != "bf16" else worst["owned_numel"] * owned_grad_b
+    elif zero == 2:                                    # reduced bucket by bucket during backward, owners sum in fp32
+        grads_backward = worst["owned_numel"] * 4 + largest * b + in_transit
+        grads_step = worst["owned_numel"] * 4
+    else:                                              # accumulated locally, sent during the last backward
+        grads_backward = total_numel * b + worst["owned_numel"] * 4
+        grads_step = worst["owned_numel"] * 4
     out = {
         "model": model, "optim": optim, "rank": rank, "world_size": world_size, "zero": zero,
         "micro_batch": micro_batch, "seq_len": seq_len, "grad_accum": grad_accum, "dtype": dtype, "vocab": vocab,
         "attention": attention,
         "params": total_numel, "worst_rank": worst["rank"],
         "weights": total_numel * b,
-        "grads_backward": total_numel * b,
+        "grads_backward": grads_backward,
         "grads_step": grads_step,
         "optimizer_state": worst["optimizer_state"],
         "masters": worst["masters"],

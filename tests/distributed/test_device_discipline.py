@@ -65,8 +65,8 @@ def test_collectives_and_step_never_use_the_default_device(fake_group, rank, nam
     before = {n: p.detach().clone() for n, p in opt.owned}
     for step in range(3):
         batch = C.global_batch(step)
-        model(batch[:, :-1], batch[:, 1:])[1].backward()
         with torch.device("meta"):             # anything created without a device= lands here and fails
+            model(batch[:, :-1], batch[:, 1:])[1].backward()   # (the gradient buckets start in backward hooks)
             opt.sync_gradients()
             norm = opt.clip_grad_norm_(C.CLIP)
             opt.step()

@@ -28,8 +28,8 @@ def test_sharding_divides_state_and_zero2_frees_grads():
     assert one["optimizer_state"] / 4 <= four["optimizer_state"] <= max(1.1 * one["optimizer_state"] / 4, largest)
     assert four["weights"] == one["weights"] == 2 * one["params"]          # full bf16 weights everywhere
     assert one["masters"] == 4 * one["params"] and four["masters"] < one["masters"]
-    assert four_z2["grads_step"] < four["grads_step"]
-    assert four_z2["grads_backward"] == four["grads_backward"]            # backward peak is not lowered
+    assert four_z2["grads_step"] == four["grads_step"] < one["grads_step"]   # only owned fp32 sums remain
+    assert four_z2["grads_backward"] < four["grads_backward"]             # ZeRO-2 sends buckets during backward
     fp32 = estimate(model="60m", optim="rgp", rank=128, world_size=1, zero=1, dtype="fp32")
     assert fp32["masters"] == 0
     math_attn = estimate(model="60m", optim="rgp", rank=128, world_size=1, attention="math")
