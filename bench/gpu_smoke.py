@@ -11,7 +11,8 @@ What it runs (all through the real launchers and train.py, on the local corpus a
   with `--train.force_collectives=true`, so the sharded optimizer's whole collective path (gradient
   flags, reduction, norms, weight broadcast, rank-agreement check) runs on NCCL at world size 1 (one GPU
   cannot host two NCCL ranks);
-- rgp once more under the deepspeed launcher with configs/deepspeed/zero2.json (bf16, reduce-to-owner).
+- rgp once more under the deepspeed launcher with configs/deepspeed/zero2.json (bf16, reduce-to-owner), and
+  once with --optim.lowrank_comm=true (projected gradients and sketches on NCCL).
 For each run it prints one JSON line: tokens/s (median over the logged intervals after the first),
 MFU (6 x params + attention flops per token against the GPU's dense bf16 peak), peak allocated memory
 next to tools/estimate_memory.py's estimate for the same settings, the last loss and eval perplexity.
@@ -107,9 +108,10 @@ def main(argv=None) -> int:
     ds_json = "configs/deepspeed/zero2_cpu.json" if args.cpu_check else "configs/deepspeed/zero2.json"
     runs.append(("rgp", ["deepspeed", "--num_gpus", "1", "--master_port", "29533", "train.py"],
                  [f"--deepspeed={ds_json}"]))
+    runs.append(("rgp", ["torchrun", "--standalone", "--nproc_per_node=1", "train.py"], ["--optim.lowrank_comm=true"]))
     failed = 0
     for name, launcher, extra in runs:
-        label = name + ("_deepspeed" if extra else "")
+        label = name + ("_lowrank_comm" if "--optim.lowrank_comm=true" in extra else "_deepspeed" if extra else "")
         out = Path(args.out) / label
         if out.exists():
             import shutil
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         mfu = (s["tokens_per_s"] * flops_per_token(params, dims["n_layers"], dims["dim"], 256) / (peak * 1e12)
                if peak else None)
         est = estimate(model=size, optim=name, rank=128 if size != "tiny" else 32, world_size=1,
-                       zero=2 if extra else 1, micro_batch=micro, seq_len=256,
+                       zero=2 if any(a.startswith("--deepspeed") for a in extra) else 1, micro_batch=micro, seq_len=256,
                        dtype="bf16" if dtype == "bfloat16" else "fp32", vocab=vocab)
         emit(bench="gpu_smoke", run=label, ok=True, **s, mfu=None if mfu is None else round(mfu, 4),
              estimated_peak_bytes=int(est["peak"]),

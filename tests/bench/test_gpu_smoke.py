@@ -25,8 +25,10 @@ def test_cpu_check_runs_the_whole_pipeline(corpus_dir, spm_path, tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     runs = {r["run"]: r for r in lines if "run" in r}
     assert proc.returncode == 0, [r.get("log_tail") for r in runs.values() if not r["ok"]]
-    assert set(runs) == {"adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit", "rgp_deepspeed"}
+    assert set(runs) == {"adamw", "adamw8bit", "galore", "galore8bit", "rgp", "rgp8bit", "rgp_deepspeed",
+                         "rgp_lowrank_comm"}
     for r in runs.values():
         assert r["ok"] and r["steps"] == 2 and r["tokens_per_s"] > 0 and r["estimated_peak_bytes"] > 0
     # the same rgp run through torchrun and through the deepspeed launcher (reduce-to-owner) trains alike
     assert abs(runs["rgp"]["loss"] - runs["rgp_deepspeed"]["loss"]) < 1e-4
+    assert abs(runs["rgp"]["loss"] - runs["rgp_lowrank_comm"]["loss"]) < 1e-4
