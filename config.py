@@ -48,6 +48,8 @@ class DataConfig:
 class OptimConfig:
     name: str = "adamw"                # adamw, adamw8bit, galore, galore8bit, rgp, rgp8bit
     lr: float = 1e-3                   # peak learning rate (> 0), scheduled by train.warmup_frac / min_lr_frac
+    matrix_lr: float = 0.0             # peak lr of the projectable 2-D attention/MLP weights, any optimizer (0: lr)
+    other_lr: float = 0.0              # peak lr of embeddings, lm_head and norms, any optimizer (0: lr)
     beta1: float = 0.9                 # Adam's first-moment decay
     beta2: float = 0.999               # Adam's second-moment decay
     eps: float = 1e-8                  # Adam's epsilon

@@ -323,9 +323,10 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     t0 = time.time()
     t_log, tokens_log = time.time(), tokens
     while step < t.max_steps:
-        lr = cfg.optim.lr * lr_multiplier(step, t.max_steps, t.warmup_frac, t.min_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        multiplier = lr_multiplier(step, t.max_steps, t.warmup_frac, t.min_lr_frac)
+        lr = cfg.optim.lr * multiplier
+        for group in optimizer.param_groups:  # optim.matrix_lr / other_lr, each on the same schedule
+            group["lr"] = group.get("base_lr", cfg.optim.lr) * multiplier
 
         # forward/backward over this rank's micro-batches; gradients accumulate in .grad
         loss_sum = torch.zeros((), device=device)

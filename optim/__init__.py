@@ -4,7 +4,8 @@
 
 Names: adamw, adamw8bit, galore, galore8bit, rgp, rgp8bit (see optim/adam.py for the exact update rules and
 optim/projection.py for the projection math).  Param groups carry "names" parallel to "params".  All groups
-share cfg.lr; the train loop sets group["lr"] = cfg.lr * schedule_multiplier on every group each step.
+carry "base_lr" (optim.matrix_lr for the projectable matrices, optim.other_lr for the rest; each defaults to
+optim.lr); the train loop sets group["lr"] = group["base_lr"] * schedule_multiplier each step.
 Layer-wise mode (cfg.layerwise): `LayerwiseStepper(optimizer)` from optim/layerwise.py (no global clipping).
 """
 from __future__ import annotations
@@ -26,6 +27,9 @@ def validate_optim_config(cfg) -> None:
         raise ValueError(f"unknown optimizer {cfg.name!r}; set optim.name to one of {', '.join(OPTIMIZERS)}")
     if not cfg.lr > 0:   # (also catches NaN) lr 0 trains nothing while looking like a run
         raise ValueError(f"optim.lr must be > 0, got {cfg.lr}")
+    for key in ("matrix_lr", "other_lr"):
+        if not getattr(cfg, key, 0.0) >= 0:
+            raise ValueError(f"optim.{key} must be >= 0 (0: optim.lr), got {getattr(cfg, key)}")
     if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0):
         raise ValueError(f"optim.beta1/beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     if cfg.eps < 0:

@@ -478,11 +478,17 @@ def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:
     bits = 8 if name.endswith("8bit") else 32
     base = name.removesuffix("8bit")
     pairs = [(n, p) for n, p in named_params if p.requires_grad]
+    low = [(n, p) for n, p in pairs if is_projected(n, p.shape)]      # the projectable matrices
+    rest = [(n, p) for n, p in pairs if not is_projected(n, p.shape)]  # embeddings, lm_head, norms
+    # Every optimizer has the same two groups, so a comparison can train `rest` identically (same Adam, same
+    # lr: optim.other_lr) and differ only in how the matrices are optimized (optim.matrix_lr).
+    matrix_lr = getattr(cfg, "matrix_lr", 0.0) or cfg.lr
+    other_lr = getattr(cfg, "other_lr", 0.0) or cfg.lr
+    other = {"params": [p for _, p in rest], "names": [n for n, _ in rest], "kind": "adam", "optim": name,
+             "bits": bits, "lr": other_lr, "base_lr": other_lr}
     if not projects(name):
-        return [{"params": [p for _, p in pairs], "names": [n for n, _ in pairs], "kind": "adam",
-                 "optim": name, "bits": bits}]
-    low = [(n, p) for n, p in pairs if is_projected(n, p.shape)]
-    rest = [(n, p) for n, p in pairs if not is_projected(n, p.shape)]
+        return [{"params": [p for _, p in low], "names": [n for n, _ in low], "kind": "adam", "optim": name,
+                 "bits": bits, "lr": matrix_lr, "base_lr": matrix_lr}, other]
     for n, p in low:
         proj.check_rank(p.shape, cfg.rank, n)
     return [
@@ -490,7 +496,6 @@ def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:
          "bits": bits, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
          "proj_type": cfg.proj_type, "method": "svd" if base == "galore" else "rsvd",
          "oversampling": cfg.oversampling, "power_iters": cfg.power_iters,
-         "moments_on_refresh": cfg.moments_on_refresh},
-        {"params": [p for _, p in rest], "names": [n for n, _ in rest], "kind": "adam", "optim": name,
-         "bits": bits},
+         "moments_on_refresh": cfg.moments_on_refresh, "lr": matrix_lr, "base_lr": matrix_lr},
+        other,
     ]

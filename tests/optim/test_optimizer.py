@@ -28,7 +28,7 @@ def _train(model, opt, steps, start=0):
         _, loss = model(x, y)
         loss.backward()
         for group in opt.param_groups:
-            group["lr"] = 1e-2 * (0.5 + 0.5 * (t % 3))   # the loop sets lr on every group each step
+            group["lr"] = group.get("base_lr", 1e-2) * (0.5 + 0.5 * (t % 3))   # as train.py: base lr x schedule
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -51,8 +51,39 @@ def test_groups_carry_names_and_projection_rule():
     assert len(low["names"]) == 2 * 7
     assert "embed_tokens.weight" in adam["names"] and "lm_head.weight" in adam["names"]
     assert "norm.weight" in adam["names"]
-    one = build_optimizer(model, _cfg("adamw"))
-    assert len(one.param_groups) == 1 and len(one.param_groups[0]["names"]) == len(list(model.parameters()))
+    one = build_optimizer(model, _cfg("adamw"))         # the same two groups, so lrs can be set per kind
+    assert [g["names"] for g in one.param_groups] == [low["names"], adam["names"]]
+
+
+def test_matrix_and_other_learning_rates_apply_to_every_optimizer():
+    """optim.matrix_lr / other_lr: an AdamW with other_lr = 0 moves no embedding, norm or lm_head, and its
+    matrices move exactly as in an AdamW over the matrices alone; the same split holds for GaLore."""
+    for name in ("adamw", "galore", "rgp8bit"):
+        model, ref = _model(), _model()
+        cfg = _cfg(name)
+        cfg.other_lr, cfg.matrix_lr = 1e-30, 2e-3       # effectively frozen vs a real lr
+        opt = build_optimizer(model, cfg)
+        assert [g["base_lr"] for g in opt.param_groups] == [2e-3, 1e-30]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _train(model, opt, 2)
+        for n, p in model.named_parameters():
+            moved = (p - before[n]).abs().max().item()
+            if n in opt.param_groups[1]["names"]:
+                assert moved < 1e-20, (name, n, moved)
+            else:
+                assert moved > 1e-6, (name, n)
+    model, ref = _model(), _model()
+    cfg = _cfg("adamw")
+    cfg.matrix_lr = 3e-3
+    opt = build_optimizer(model, cfg)
+    matrices = [(n, p) for n, p in ref.named_parameters() if n in opt.param_groups[0]["names"]]
+    ref_cfg = _cfg("adamw")
+    ref_cfg.lr = 3e-3
+    ref_opt = build_optimizer(matrices, ref_cfg)
+    _train(model, opt, 1)          # one step: after it the embeddings (trained only in `model`) differ
+    _train(ref, ref_opt, 1)
+    for n, p in matrices:
+        assert torch.equal(dict(model.named_parameters())[n], p), n
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
