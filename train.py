@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     cfg = parse_args(argv)
     t, d = cfg.train, cfg.data
+    if cfg.deepspeed and not Path(cfg.deepspeed).is_file():
+        raise ConfigError(f"DeepSpeed config {cfg.deepspeed!r} not found; pass e.g. configs/deepspeed/zero2.json")
     if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
         raise ConfigError("--deepspeed needs a launcher: deepspeed --num_gpus N train.py ..., or "
                           "bash launch/deepspeed.sh RECIPE.toml (plain python has no rank environment)")
