@@ -64,6 +64,7 @@ class OptimConfig:
     layerwise: bool = False            # step each parameter in its post-accumulate-grad hook
     comm_dtype: str = "auto"           # gradient communication dtype: auto (the weights'), float32, bfloat16
     lowrank_comm: bool = False         # send projected gradients G @ Q instead of G (galore/rgp, >1 process)
+    lowrank_update: bool = False       # with lowrank_comm: send projected matrices' low-rank updates, not weights
 
 
 @dataclass

@@ -10,14 +10,16 @@ every collective of these modes, so rank 0's count is every rank's. tests/distri
 real 2-rank gloo run against this one.
 
 One JSON line per (model, world, mode, communication dtype):
-  {"bench": "comm", "model", "world", "optim", "mode": "stage1" | "stage2", "comm_dtype",
+  {"bench": "comm", "model", "world", "optim", "mode": "stage1" | "stage2" | "lowrank" | "lowrank_update", "comm_dtype",
    "grad_bytes_per_rank", "weight_bytes_per_rank", "other_bytes_per_rank" (flags, norms),
    "bytes_per_rank" (their sum), "ddp_bf16_bytes", "zero2_bf16_bytes", "vs_ddp_bf16", "vs_zero2_bf16"}
 Modes: stage1 all-reduces every gradient, stage2 reduces each to its owner, lowrank (optim.lowrank_comm)
 reduces projected gradients G_i @ Q to the owner (the other parameters as stage2), amortised over T = 200
 steps whose first refreshes the bases (RGP: sketches Y and B reduced, Q and the new basis broadcast); then
 each owner broadcasts its updated weights (bf16 model). Accumulation 1, so ZeRO-2's per-micro-batch
-reduce-scatter happens once. Not built yet: a reduce-scatter/all-gather layout, and low-rank weight updates.
+reduce-scatter happens once. lowrank_update (optim.lowrank_update as well): owners broadcast each projected
+matrix's low-rank update (r x n fp32 plus two fp64 scalars) instead of its weights, counted as weight bytes.
+Not built yet: an equal-size reduce-scatter/all-gather layout (ZeRO's exact byte count).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from optim.comm import CommLedger, ddp_bytes, zero2_bytes  # noqa: E402
 from optim.sharded import ShardedOptimizer  # noqa: E402
 
 RANKS = {"60m": 128, "1b": 512, "tiny": 64}
-MODES = {"stage1": "allreduce", "stage2": "reduce", "lowrank": "reduce"}
+MODES = {"stage1": "allreduce", "stage2": "reduce", "lowrank": "reduce", "lowrank_update": "reduce"}
 T = 200                                   # the recipes' refresh interval: lowrank bytes are amortised over it
 
 
@@ -51,7 +53,8 @@ def count_step(model, world: int, optim: str, rank: int, mode: str, comm_dtype: 
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype, lowrank_comm=mode == "lowrank")
+        cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype, lowrank_comm=mode.startswith("lowrank"),
+                          lowrank_update=mode == "lowrank_update")
         opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=MODES[mode],
                                build_inner=lambda named, cfg: None)      # no optimizer math: it sends nothing
 
@@ -61,11 +64,14 @@ def count_step(model, world: int, optim: str, rank: int, mode: str, comm_dtype: 
             opt.ledger = CommLedger(world)
             opt.sync_gradients()
             opt.clip_grad_norm_(1.0)
+            if opt.lowrank_update:            # what step() sends besides the optimizer math
+                opt.bases.update(opt._pending)
+                opt._exchange_updates(list(opt.projected))
             opt.broadcast_weights()
             return opt.ledger.totals()["by_tag"]
 
         first = one_step()
-        if mode != "lowrank":
+        if not mode.startswith("lowrank"):
             return first
         opt.bases.update(opt._pending)        # what step() installs; then an ordinary (non-refresh) step
         opt.proj_steps = {n: 1 for n in opt.proj_steps}
@@ -93,8 +99,9 @@ def main(argv=None):
                     t = count_step(model, world, args.optim, RANKS[size], mode, comm_dtype)
                     # refresh-step sketches, full gradients and bases count as gradient traffic
                     grad = t.get("grads", 0.0) + t.get("refresh", 0.0) + t.get("bases", 0.0)
-                    weights = t.get("weights", 0.0)
-                    other = sum(v for k, v in t.items() if k not in ("grads", "weights", "refresh", "bases"))
+                    weights = t.get("weights", 0.0) + t.get("updates", 0.0)   # lowrank_update: updates, not weights
+                    other = sum(v for k, v in t.items()
+                                if k not in ("grads", "weights", "refresh", "bases", "updates"))
                     total = grad + weights + other
                     emit(bench="comm", model=size, params=numel, world=world, optim=args.optim, mode=mode,
                          comm_dtype=comm_dtype, grad_bytes_per_rank=int(grad), weight_bytes_per_rank=int(weights),

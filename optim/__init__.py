@@ -39,6 +39,8 @@ def validate_optim_config(cfg) -> None:
     if getattr(cfg, "lowrank_comm", False) and cfg.name.removesuffix("8bit") not in ("galore", "rgp"):
         raise ValueError(f"optim.lowrank_comm needs a projected optimizer (galore, rgp or their 8-bit variants), "
                          f"not {cfg.name}; drop --optim.lowrank_comm")
+    if getattr(cfg, "lowrank_update", False) and not getattr(cfg, "lowrank_comm", False):
+        raise ValueError("optim.lowrank_update needs optim.lowrank_comm=true (every rank keeps the bases)")
     if cfg.name.removesuffix("8bit") == "adamw":
         return
     if cfg.rank < 1:

@@ -249,7 +249,16 @@ def lowrank_adam_apply(p: torch.Tensor, low: torch.Tensor, state: dict, *, lr: f
                        eps: float, weight_decay: float, scale: float, side: str, bits: int) -> None:
     """The update from the projected gradient `low` in the basis state["basis"] (GaLoreAdamW's math). The
     sharded optimizer's low-rank communication hands owners `low` directly (optim/sharded.py)."""
-    basis = state["basis"]
+    norm_grad, step_size = lowrank_adam_direction(low, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, bits=bits)
+    apply_lowrank_update(p, norm_grad, state["basis"], side, step_size=step_size, scale=scale, lr=lr,
+                         weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def lowrank_adam_direction(low: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float, eps: float,
+                           bits: int) -> tuple[torch.Tensor, float]:
+    """Adam on the projected gradient: moments and step count in `state` advance; returns (m / denom, step size).
+    The low-rank update of the matrix is step size x scale x project_back(m / denom)."""
     step = state.get("step", 0)
     if "step" not in state:
         state.update(init_moments(low, bits))
@@ -258,7 +267,14 @@ def lowrank_adam_apply(p: torch.Tensor, low: torch.Tensor, state: dict, *, lr: f
     m, v = load_moments(state)
     norm_grad, bc1, bc2 = galore_adam_direction(low, m, v, step, beta1, beta2, eps)
     store_moments(state, m, v)
-    step_size = lr * math.sqrt(bc2) / bc1                   # galore's exact expression order
+    return norm_grad, lr * math.sqrt(bc2) / bc1              # galore's exact expression order
+
+
+@torch.no_grad()
+def apply_lowrank_update(p: torch.Tensor, norm_grad: torch.Tensor, basis: torch.Tensor, side: str, *,
+                         step_size: float, scale: float, lr: float, weight_decay: float) -> None:
+    """p -= step_size x scale x project_back(norm_grad), then decoupled decay (galore's order). Deterministic in
+    its inputs: ranks that apply the same (norm_grad, basis, step_size) to equal copies stay bit-identical."""
     full = proj.project_back(norm_grad, basis, side) * scale
     p.add_(full.to(p.dtype), alpha=-step_size)
     if weight_decay > 0.0:
@@ -320,6 +336,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
         self.prepared: dict = {}        # param -> projected gradient, set by the sharded optimizer's low-rank comm
+        self.defer_updates = False      # True: leave prepared params' updates in self.updates (optim.lowrank_update)
+        self.updates: dict = {}         # param -> (m / denom, step size, lr), applied by the sharded optimizer
         self._names = {}
         self._groups_of = {}
         self._reindex()
@@ -347,6 +365,12 @@ class LowRankAdamW(torch.optim.Optimizer):
         if p in self.prepared:
             group = group if group is not None else self._groups_of[p]
             beta1, beta2 = group["betas"]
+            if self.defer_updates:             # the sharded optimizer sends the update to every rank to apply
+                norm_grad, step_size = lowrank_adam_direction(self.prepared.pop(p), self.state[p], lr=group["lr"],
+                                                              beta1=beta1, beta2=beta2, eps=group["eps"],
+                                                              bits=group["bits"])
+                self.updates[p] = (norm_grad, step_size, group["lr"])
+                return
             lowrank_adam_apply(p, self.prepared.pop(p), self.state[p], lr=group["lr"], beta1=beta1, beta2=beta2,
                                eps=group["eps"], weight_decay=group["weight_decay"], scale=group["scale"],
                                side=proj.choose_side(p.shape, group["proj_type"]), bits=group["bits"])

@@ -68,7 +68,7 @@ import warnings
 
 from optim import comm
 from optim import projection as proj
-from optim.adam import is_projected, projects, set_basis
+from optim.adam import apply_lowrank_update, is_projected, projects, set_basis
 from optim.comm import CommLedger
 from optim.ownership import describe_disagreement, plan_ownership, run_signature
 
@@ -187,6 +187,17 @@ class ShardedOptimizer:
             self._check_ranks_agree()
         if self.overlap:
             self._build_buckets()
+        # optim.lowrank_update: owners send the low-rank update, every rank applies it to its own fp32 copy
+        self.lowrank_update = self.lowrank and self.distributed and bool(getattr(cfg, "lowrank_update", False))
+        self.replicas: dict[str, torch.Tensor] = {}
+        if self.lowrank_update:
+            named = dict(self.named)
+            for n in self.projected:
+                p = named[n]
+                self.replicas[n] = self.masters.get(n, p) if p.dtype == torch.float32 or n in self.masters \
+                    else p.detach().float().clone()
+            if self.inner is not None:
+                self.inner.defer_updates = True
 
     def _comm_device(self) -> torch.device:
         """The device of every collective buffer: the parameters' device. NCCL only takes CUDA tensors, and on a
@@ -344,10 +355,13 @@ class ShardedOptimizer:
                 self.sync_gradients()
             if not self._clipped:
                 self.clip_grad_norm_(self.clip_in_step)
+        stepped = list(self._stepped)
         if self.lowrank:
             self._install_projected()
         if self.inner is not None:
             self.inner.step()
+        if self.lowrank_update:
+            self._exchange_updates(stepped)
         for n, master in self.masters.items():
             self._owned_map[n].copy_(master)
             master.grad = None
@@ -360,8 +374,9 @@ class ShardedOptimizer:
         into buckets of at most BUCKET_BYTES per owner. Called by step(); nothing to do on one process."""
         if not self.distributed:
             return
+        local = set(self.replicas)                 # lowrank_update: every rank updated these itself
         for owner in range(self.world_size):
-            params = [p for n, p in self.named if self.plan[n] == owner]
+            params = [p for n, p in self.named if self.plan[n] == owner and n not in local]
             for bucket in _buckets(params, lambda p: p.numel() * p.element_size()):
                 self._broadcast_bucket(bucket, owner)
 
@@ -649,6 +664,44 @@ class ShardedOptimizer:
         self._pending.clear()
         self._stepped = []
 
+    @torch.no_grad()
+    def _exchange_updates(self, stepped: list[str]) -> None:
+        """optim.lowrank_update: each owner broadcasts, per projected matrix it stepped, the low-rank direction
+        (r x n or m x r, fp32) and its step size and lr (fp64: the exact Python floats); every rank, the owner
+        included, applies them with the same function to its fp32 copy, so the copies stay bit-identical
+        (tests/distributed check it) while the matrix itself never travels."""
+        names = dict(self.named)
+        for owner in range(self.world_size):
+            mine = [n for n in stepped if self.plan[n] == owner]
+            shapes = {n: (self.cfg.rank, names[n].shape[1]) if self.sides[n] == "left" else (names[n].shape[0], self.cfg.rank)
+                      for n in mine}
+            for bucket in _buckets(mine, lambda n: shapes[n][0] * shapes[n][1] * 4):
+                if owner == self.rank:
+                    got = [self.inner.updates.pop(self._grad_holder(n, self._owned_map[n]), None)
+                           if self.inner is not None else None for n in bucket]
+                    got = [g if g is not None else (torch.zeros(shapes[n], device=self.device), 0.0, 0.0)
+                           for n, g in zip(bucket, got)]      # (no update computed: e.g. bench/comm.py)
+                    flat = torch.cat([d.reshape(-1) for d, _, _ in got])
+                    scalars = torch.tensor([x for _, ss, lr in got for x in (ss, lr)], dtype=torch.float64,
+                                           device=self.device)
+                else:
+                    flat = torch.empty(sum(shapes[n][0] * shapes[n][1] for n in bucket), device=self.device)
+                    scalars = torch.empty(2 * len(bucket), dtype=torch.float64, device=self.device)
+                comm.broadcast(flat, owner, self.group, self.ledger, "updates")
+                comm.broadcast(scalars, owner, self.group, self.ledger, "updates")
+                values = scalars.tolist()
+                off = 0
+                for i, n in enumerate(bucket):
+                    k = shapes[n][0] * shapes[n][1]
+                    direction = flat[off:off + k].view(shapes[n])
+                    off += k
+                    replica = self.replicas[n]
+                    apply_lowrank_update(replica, direction, self.bases[n], self.sides[n], step_size=values[2 * i],
+                                         scale=self.cfg.scale, lr=values[2 * i + 1],
+                                         weight_decay=self.cfg.weight_decay)
+                    if replica is not names[n] and n not in self.masters:   # (owners' masters are copied by step)
+                        names[n].copy_(replica)
+
     def _share_projected_state(self) -> None:
         """After loading a checkpoint: every rank gets every projected matrix's basis and update count from
         its owner (non-owners' copies are not saved; they are rebuilt here, bit for bit)."""
@@ -671,6 +724,13 @@ class ShardedOptimizer:
                          self.cfg.rank)
                 got = self._from(basis, shape, self.plan[n], "resume")
                 self.bases[n] = basis if mine else got
+        for n in self.projected:                   # lowrank_update, bf16: non-owners' fp32 copies = the masters
+            if self.lowrank_update and n in self.replicas and self.replicas[n] is not dict(self.named)[n]:
+                p = dict(self.named)[n]
+                got = self._from(self.masters[n].detach() if self.plan[n] == self.rank else None, tuple(p.shape),
+                                 self.plan[n], "resume")
+                if self.plan[n] != self.rank:
+                    self.replicas[n].copy_(got)
 
     # -- state -------------------------------------------------------------------------------------
     def _index_names(self) -> list[str]:

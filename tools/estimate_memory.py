@@ -27,6 +27,8 @@ Accounting, per rank, for the rank with the most (optimizer state + fp32 masters
                   4096-element rule; every other parameter (embeddings, lm_head, norms) as adamw / adamw8bit.
                   (proj_type left/right: basis and moments follow the chosen side instead of min/max.)
 - masters: fp32 copies of the owned parameters when --dtype is bf16 (4 x owned numel), 0 for fp32.
+- lowrank_update_copies (--lowrank-update, bf16): fp32 copies of the projected matrices the rank does not own;
+  with optim.lowrank_update every rank applies the owners' low-rank updates to its own fp32 copy.
 - comm_buffer: one fp32 bucket of the gradient collectives (optim.sharded.BUCKET_BYTES, or the model if smaller).
 - activations (ESTIMATE): the tensors made in forward that are alive when backward starts: what autograd saves
   in our model (model/llama.py), counted op by op, and the logits train.py holds. b = activation bytes (2 for
@@ -139,7 +141,7 @@ def loss_backward_bytes(vocab: int, micro_batch: int, seq_len: int) -> int:
 def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, world_size: int = 8, zero: int = 2,
              micro_batch: int = 16, seq_len: int = 256, dtype: str = "bf16", vocab: int = 32000,
              attention: str = "flash", proj_type: str = "std", oversampling: int = 2, power_iters: int = 0,
-             grad_accum: int = 1) -> dict:
+             grad_accum: int = 1, lowrank_update: bool = False) -> dict:
     """Per-rank memory figures in bytes (see the module docstring); pure apart from reading the size table."""
     if optim not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optim!r}; use one of {', '.join(OPTIMIZERS)}")
@@ -164,6 +166,11 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         per_rank.append({"rank": r, "params": len(owned), "owned_numel": owned_numel,
                          "optimizer_state": sum(state_bytes(n, shapes[n], cfg) for n in owned),
                          "masters": 4 * owned_numel if dtype == "bf16" else 0,
+                         # optim.lowrank_update with bf16 weights: fp32 copies of the projected matrices it does
+                         # not own (it updates them itself; owned ones are its masters)
+                         "lowrank_update_copies": 4 * sum(numel_of(shapes[n]) for n in shapes if plan[n] != r
+                                                          and projects(optim) and is_projected(n, shapes[n]))
+                         if lowrank_update and dtype == "bf16" else 0,
                          "largest_owned": max((numel_of(shapes[n]) for n in owned), default=0),
                          # fp32 Adam parameters stepped together by the multi-tensor path (module docstring)
                          "foreach_numel": sum(numel_of(shapes[n]) for n in owned if foreach(n)),
@@ -194,6 +201,7 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         "grads_step": grads_step,
         "optimizer_state": worst["optimizer_state"],
         "masters": worst["masters"],
+        "lowrank_update_copies": worst["lowrank_update_copies"],
         "comm_buffer": min(BUCKET_BYTES, total_numel * 4) if world_size > 1 else 0,
         "activations_estimate": activation_bytes(dims, micro_batch, seq_len, b, attention),
         "loss_backward_temporaries": loss_backward_bytes(vocab, micro_batch, seq_len),
@@ -203,7 +211,7 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         "optimizer_state_per_rank": [x["optimizer_state"] for x in per_rank],
         "optimizer_state_total": sum(x["optimizer_state"] for x in per_rank),
     }
-    base = out["weights"] + out["optimizer_state"] + out["masters"]      # alive all step long from step 2 on
+    base = out["weights"] + out["optimizer_state"] + out["masters"] + out["lowrank_update_copies"]  # all step long
     start = out["activations_estimate"] + out["loss_backward_temporaries"]
     if grad_accum == 1:
         # grads are None when backward starts and activations go as grads come: the peak is at one end
@@ -227,10 +235,11 @@ def human(n: float) -> str:
 
 def table(est: dict) -> str:
     rows = [("weights (full, every rank)", "weights"),
-            ("gradients during backward (full)", "grads_backward"),
+            ("gradients during backward", "grads_backward"),
             (f"gradients during step (ZeRO-{est['zero']})", "grads_step"),
             (f"optimizer state (rank {est['worst_rank']}, max)", "optimizer_state"),
             ("fp32 master copies (owned)", "masters"),
+            ("fp32 copies of projected matrices (lowrank_update)", "lowrank_update_copies"),
             ("gradient bucket (fp32)", "comm_buffer"),
             ("activations (ESTIMATE)", "activations_estimate"),
             ("loss backward temporaries (fp32)", "loss_backward_temporaries"),
@@ -302,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="flash", choices=("flash", "math"),
                     help="math: no fused SDPA kernel, the attention matrix is materialised")
     ap.add_argument("--proj-type", default="std", choices=("std", "left", "right"))
+    ap.add_argument("--lowrank-update", action="store_true",
+                    help="optim.lowrank_update: every rank keeps fp32 copies of the projected matrices (bf16)")
     ap.add_argument("--check", action="store_true", help="compare the state estimate with the real optimizer")
     args = ap.parse_args(argv)
     if args.check:
@@ -310,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate(model=args.model, optim=args.optim, rank=args.rank, world_size=args.world_size,
                        zero=args.zero, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
                        vocab=args.vocab, attention=args.attention, proj_type=args.proj_type,
-                       grad_accum=args.grad_accum)
+                       grad_accum=args.grad_accum, lowrank_update=args.lowrank_update)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -197,6 +197,30 @@ def test_lowrank_comm_matches_single_process(torchrun_results, no_clip_reference
     assert_close(res[f"{key}/resumed"], res[key], name, exact=True)
 
 
+@pytest.fixture(scope="module")
+def long_no_clip_reference(one_thread):
+    out = {}
+    for name in [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")]:
+        model = C.tiny_model()
+        C.train(model, ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name)), 0, 4 * C.STEPS, clip=0.0)
+        out[name] = C.weights(model)
+    return out
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")])
+def test_lowrank_updates_keep_replicas_identical(torchrun_results, long_no_clip_reference, name):
+    """optim.lowrank_update over 24 steps: the projected matrices never travel, every rank applies the owners'
+    low-rank updates to its own copy, and all copies stay equal bit for bit (fp32 weights; for bf16 also the
+    fp32 copies); fp32 equals the single process up to the order of the sums; a checkpoint resumes exactly."""
+    _, res = torchrun_results
+    for dtype in ("float32", "bfloat16") if name == "rgp" else ("float32",):
+        key = f"lowrank_update/{name}/{dtype}"
+        assert res[key + "/agree"] and res[key + "/copies_agree"], key
+        assert_close(res[key + "/resumed"], res[key], name, exact=True)
+    if not name.endswith("8bit"):    # 8-bit codes: last-bit differences move codes, which compounds over 24 steps
+        assert_close(res[f"lowrank_update/{name}/float32"], long_no_clip_reference[name], name)
+
+
 @pytest.mark.parametrize("mode", ["allreduce", "reduce"])
 def test_ledger_of_a_real_step_equals_the_fake_group_count(torchrun_results, mode):
     """The bytes bench/comm.py counts on the fake process group are what 2 gloo ranks really send."""

@@ -87,6 +87,37 @@ def main(out: Path, ckpt1: Path, names: list[str]):
             C.train(model2, opt2, 3, C.STEPS, rank, world, clip=0.0)
             res[f"lowrank/{name}/{mode}/resumed"] = C.weights(model2)
 
+    # low-rank updates as well (optim.lowrank_update): fp32 against the single process; bf16 with its fp32 copies
+    # on every rank, through a checkpoint (non-owners' copies rebuilt from the owners' masters)
+    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
+        for dtype in (torch.float32, torch.bfloat16) if name == "rgp" else (torch.float32,):
+            cfg = C.make_cfg(name)
+            cfg.lowrank_comm = cfg.lowrank_update = True
+            model = C.tiny_model(dtype=dtype)
+            opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode="reduce")
+            C.train(model, opt, 0, 3, rank, world, clip=0.0)
+            d = out / "lowrank_update" / f"{name}_{str(dtype)[6:]}"
+            save_optimizer_shards(opt, d)
+            if rank == 0:
+                torch.save(model.state_dict(), d / "model.pt")
+            dist.barrier()
+            C.train(model, opt, 3, 4 * C.STEPS, rank, world, clip=0.0)
+            key = f"lowrank_update/{name}/{str(dtype)[6:]}"
+            res[key] = C.weights(model)
+            res[key + "/agree"] = C.ranks_agree(model)
+            copies = torch.cat([r.detach().reshape(-1) for _, r in sorted(opt.replicas.items())])
+            first = copies.clone()
+            dist.broadcast(first, 0)
+            same = torch.tensor([int(torch.equal(first, copies))])
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            res[key + "/copies_agree"] = bool(same.item())
+            model2 = C.tiny_model(seed=7, dtype=dtype)
+            model2.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+            opt2 = ShardedOptimizer(list(model2.named_parameters()), cfg, grad_mode="reduce")
+            load_optimizer_shards(opt2, d)
+            C.train(model2, opt2, 3, 4 * C.STEPS, rank, world, clip=0.0)
+            res[key + "/resumed"] = C.weights(model2)
+
     # the ledger of one real step (compared with the fake-process-group count in the test)
     from optim.comm import CommLedger
     for mode in ("allreduce", "reduce"):

@@ -65,3 +65,13 @@ def test_activation_and_peak_estimate_match_fake_tensor_measurement(dtype, atten
         assert abs(est[key] - got[key]) / got[key] <= 0.10, (key, est[key], got[key])
     # the backward peak is the start of backward here (activations, no gradient yet), which the estimate models
     assert rec["measured_backward_by_category"]["gradients"] == 0
+
+
+def test_lowrank_update_costs_fp32_copies_of_the_projected_matrices_it_does_not_own():
+    base = estimate(model="60m", optim="rgp", rank=128, world_size=4, zero=2, dtype="bf16")
+    lu = estimate(model="60m", optim="rgp", rank=128, world_size=4, zero=2, dtype="bf16", lowrank_update=True)
+    projected = 8 * (4 * 512 * 512 + 3 * 512 * 1376)            # 8 layers: q, k, v, o and the three MLP matrices
+    assert base["lowrank_update_copies"] == 0
+    assert 0 < lu["lowrank_update_copies"] <= 4 * projected and lu["peak"] > base["peak"]
+    assert estimate(model="60m", optim="rgp", rank=128, world_size=4, zero=2, dtype="fp32",
+                    lowrank_update=True)["lowrank_update_copies"] == 0      # fp32 weights are the copies
