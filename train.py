@@ -172,6 +172,11 @@ def resolve_run(cfg, world: int, device: torch.device):
         from optim.deepspeed_glue import read_deepspeed_config, reconcile_with_run
         ds = read_deepspeed_config(cfg.deepspeed, world)
         t.dtype = reconcile_with_run(ds, t, world)
+        if ds.comm_dtype and cfg.optim.comm_dtype not in ("auto", ds.comm_dtype):
+            raise ConfigError(f"DeepSpeed config sets communication_data_type={ds.comm_dtype} but the run has "
+                              f"optim.comm_dtype={cfg.optim.comm_dtype}; drop one or make them agree")
+        if ds.comm_dtype:          # the ShardedOptimizer does the communication: it takes DeepSpeed's dtype
+            cfg.optim.comm_dtype = ds.comm_dtype
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
     if ds is not None:

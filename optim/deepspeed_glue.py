@@ -64,6 +64,7 @@ class DeepSpeedSettings:
     grad_mode: str              # "allreduce" (stage 0/1) or "reduce" (stage 2)
     engine_config: dict = field(default_factory=dict)   # what deepspeed.initialize gets (stage 0, no clip/bf16)
     train_batch_size: int | None = None                 # train_batch_size, when the JSON states it
+    comm_dtype: str | None = None                        # communication_data_type as optim.comm_dtype's value
 
 
 def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeedSettings:
@@ -102,11 +103,18 @@ def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeed
     if total is not None and micro and accum and world_size and total != micro * accum * world_size:
         raise DeepSpeedConfigError(f"train_batch_size {total} != micro {micro} x accumulation {accum} x world "
                                    f"{world_size}; drop train_batch_size or fix it")
+    comm = conf.get("communication_data_type")
+    comm_dtype = {None: None, "fp32": "float32", "float32": "float32", "bf16": "bfloat16",
+                  "bfloat16": "bfloat16"}.get(comm, "refused")
+    if comm_dtype == "refused":
+        raise DeepSpeedConfigError(f"communication_data_type {comm!r} is not supported; use fp32 or bf16 (or leave "
+                                   f"it out: gradients then travel in the weights' dtype)")
     clip = conf.get("gradient_clipping")
     bf16 = (conf.get("bf16") or {}).get("enabled") if "bf16" in conf else None
     engine_config = {k: v for k, v in conf.items()
                      if k not in ("zero_optimization", "bf16", "gradient_clipping", "train_batch_size",
-                                  "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+                                  "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                  "communication_data_type")}
     engine_config.update({"zero_optimization": {"stage": 0}, "gradient_clipping": 0.0,
                           "managed_gradient_accumulation": False})
     engine_config.setdefault("steps_per_print", 10**9)
@@ -114,7 +122,8 @@ def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeed
     ds = DeepSpeedSettings(micro_batch=micro, grad_accum=accum,
                            grad_clip=None if clip is None else float(clip or 0.0),
                            bf16=None if bf16 is None else bool(bf16), zero_stage=stage,
-                           grad_mode=STAGE_TO_MODE[stage], engine_config=engine_config, train_batch_size=total)
+                           grad_mode=STAGE_TO_MODE[stage], engine_config=engine_config, train_batch_size=total,
+                           comm_dtype=comm_dtype)
     _fill_engine_batch(ds)
     return ds
 

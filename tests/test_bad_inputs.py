@@ -58,7 +58,10 @@ CASES = [
     ("deepspeed without a launcher", ["--deepspeed=configs/deepspeed/zero2_cpu.json"], r"--deepspeed needs a launcher"),
     ("layer-wise with clipping", ["--optim.layerwise=true"], r"optim.layerwise needs one process"),
     ("missing DeepSpeed JSON", ["--deepspeed={tmp}/nope.json"], r"DeepSpeed config '.*nope.json' not found"),
-    ("DeepSpeed JSON contradicting the run", ["--deepspeed={tmp}/accum1.json", "--train.global_batch=16"],
+    ("DeepSpeed comm dtype contradicting the run", ["--deepspeed={tmp}/launched_commfp32.json",
+                                                    "--optim.comm_dtype=bfloat16"],
+     r"communication_data_type=float32 but the run has optim.comm_dtype=bfloat16"),
+    ("DeepSpeed JSON contradicting the run", ["--deepspeed={tmp}/launched_accum1.json", "--train.global_batch=16"],
      r"DeepSpeed config sets gradient_accumulation_steps=1 but the run has train.grad_accum=4"),
 ]
 
@@ -69,7 +72,8 @@ def workdir(tmp_path):
     (tmp_path / "corrupt.model").write_bytes(b"this is not a sentencepiece model")
     (tmp_path / "empty.model").write_bytes(b"")
     (tmp_path / "a_file").write_text("")
-    (tmp_path / "accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
+    (tmp_path / "launched_accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
+    (tmp_path / "launched_commfp32.json").write_text('{"communication_data_type": "fp32", "zero_optimization": {"stage": 2}}')
     return tmp_path
 
 
@@ -84,7 +88,7 @@ def run_case(extra, corpus_dir, spm_path, tmp):
         args += extra
     import os
     from unittest import mock
-    launched = {"WORLD_SIZE": "1"} if any("accum1.json" in a for a in extra) else {}   # as under a launcher
+    launched = {"WORLD_SIZE": "1"} if any("launched_" in a for a in extra) else {}   # as under a launcher
     try:
         with mock.patch.dict(os.environ, launched):
             train.main(args)
@@ -115,7 +119,8 @@ if __name__ == "__main__":               # the table for a closing note or the R
             (d / "corrupt.model").write_bytes(b"this is not a sentencepiece model")
             (d / "empty.model").write_bytes(b"")
             (d / "a_file").write_text("")
-            (d / "accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
+            (d / "launched_accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
+            (d / "launched_commfp32.json").write_text('{"communication_data_type": "fp32", "zero_optimization": {"stage": 2}}')
             err, _ = run_case(extra, corpus, spm, d)
             shown = " ".join(extra).replace(str(d), "TMP")
             msg = "TRAINED" if err is None else str(err).replace(str(d), "TMP")

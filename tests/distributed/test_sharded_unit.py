@@ -183,6 +183,10 @@ def test_deepspeed_batch_settings_come_from_the_run():
                       ({"train_batch_size": 8}, "train_batch_size=8")]:
         with pytest.raises(DeepSpeedConfigError, match=msg):
             reconcile_with_run(read_deepspeed_config(conf, 2), t, 2)
+    assert read_deepspeed_config({"communication_data_type": "bf16"}, 2).comm_dtype == "bfloat16"
+    assert read_deepspeed_config({}, 2).comm_dtype is None
+    with pytest.raises(DeepSpeedConfigError, match="communication_data_type 'fp16' is not supported"):
+        read_deepspeed_config({"communication_data_type": "fp16"}, 2)
     t.dtype = "float32"
     with pytest.raises(DeepSpeedConfigError, match="bf16.enabled=true but the run has train.dtype=float32"):
         reconcile_with_run(read_deepspeed_config({"bf16": {"enabled": True}}, 2), t, 2)

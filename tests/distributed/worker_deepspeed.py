@@ -64,12 +64,13 @@ def main(out: Path, names: list[str]):
             res[key + "/owned"] = len(opt.owned)
             res[key + "/grad_norm"] = float(opt.last_grad_norm)
             res[key + "/backward_allreduce"] = bool(engine.enable_backward_allreduce)
-    # low-rank gradient communication under the engine (stage 2, clipping off)
-    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
+    # low-rank gradient communication under the engine (stage 2, clipping off); rgp with low-rank updates too
+    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")] + ["rgp+update"]:
         model = C.tiny_model()
         ds = read_deepspeed_config(ds_config(out, 2), 2)
-        cfg = C.make_cfg(name)
+        cfg = C.make_cfg(name.split("+")[0])
         cfg.lowrank_comm = True
+        cfg.lowrank_update = name.endswith("+update")
         opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=ds.grad_mode)
         engine = init_deepspeed(model, opt, ds)
         C.train(model, opt, 0, C.STEPS, dist.get_rank(), dist.get_world_size(), accum=ACCUM, engine=engine,
