@@ -52,6 +52,7 @@ def count_step(model, world: int, optim: str, rank: int, mode: str, comm_dtype: 
     lowrank mode the average over T steps of which the first refreshes the bases."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    opt = None
     try:
         cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype, lowrank_comm=mode.startswith("lowrank"),
                           lowrank_update=mode == "lowrank_update")
@@ -79,7 +80,11 @@ def count_step(model, world: int, optim: str, rank: int, mode: str, comm_dtype: 
         steady = one_step()
         return {k: (first.get(k, 0.0) + (T - 1) * steady.get(k, 0.0)) / T for k in set(first) | set(steady)}
     finally:
+        if opt is not None:
+            opt.remove_hooks()
         dist.destroy_process_group()
+        import gc
+        gc.collect()                          # the previous wrapper's masters and copies (GBs at 1B) go now
 
 
 def main(argv=None):

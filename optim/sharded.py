@@ -57,6 +57,7 @@ import functools
 import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -457,8 +458,21 @@ class ShardedOptimizer:
         self._inflight: list = []                  # (bucket index, work, wire buffer)
         self._acc: dict[str, torch.Tensor] = {}    # fp32 sums of reduced gradients (owner; all in "allreduce")
         self._seen: set[str] = set()               # had a gradient on this rank during this step
-        for n, p in self.named:
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, n))
+        # The hooks hold the wrapper weakly: a discarded wrapper (and its fp32 masters) is freed, its hooks
+        # become no-ops; remove_hooks() takes them off explicitly.
+        me = weakref.ref(self)
+
+        def hook(name, p):
+            opt = me()
+            if opt is not None:
+                opt._on_grad(name, p)
+        self._hook_handles = [p.register_post_accumulate_grad_hook(functools.partial(hook, n)) for n, p in self.named]
+
+    def remove_hooks(self) -> None:
+        """Take this wrapper's gradient hooks off the parameters (e.g. before building another over them)."""
+        for h in getattr(self, "_hook_handles", []):
+            h.remove()
+        self._hook_handles = []
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -91,3 +91,23 @@ def test_zero2_peak_gradient_memory_falls_with_the_world_size(tmp_path):
     from optim.sharded import GRAD_BUCKET_BYTES, MAX_INFLIGHT
     for peak, owned in zip(two["peaks"], two["owned_bytes"]):       # the design's bound, per rank
         assert peak <= owned + two["largest_param_bytes"] + (MAX_INFLIGHT + 1) * GRAD_BUCKET_BYTES, (peak, owned)
+
+
+def test_a_discarded_wrapper_is_freed_despite_its_gradient_hooks():
+    """The backward hooks hold the wrapper weakly: building a second wrapper over the same model (tests, benches,
+    a restart in one process) does not keep the first one's fp32 masters alive."""
+    import gc
+    import weakref
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        model = C.tiny_model(dtype=torch.bfloat16)
+        opt = ShardedOptimizer(list(model.named_parameters()), C.make_cfg("adamw"), grad_mode="reduce")
+        assert opt.overlap and opt.masters
+        ref = weakref.ref(opt)
+        del opt
+        gc.collect()
+        assert ref() is None
+        batch = C.global_batch(0)
+        model(batch[:, :-1], batch[:, 1:])[1].backward()      # the orphaned hooks are no-ops
+    finally:
+        dist.destroy_process_group()
