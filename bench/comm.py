@@ -18,7 +18,8 @@ reduces projected gradients G_i @ Q to the owner (the other parameters as stage2
 steps whose first refreshes the bases (RGP: sketches Y and B reduced, Q and the new basis broadcast); then
 each owner broadcasts its updated weights (bf16 model). Accumulation 1, so ZeRO-2's per-micro-batch
 reduce-scatter happens once. lowrank_update (optim.lowrank_update as well): owners broadcast each projected
-matrix's low-rank update (r x n fp32 plus two fp64 scalars) instead of its weights, counted as weight bytes.
+matrix's low-rank update (r x n in the wire dtype, plus two fp64 scalars) instead of its weights, counted as
+weight bytes.
 Not built yet: an equal-size reduce-scatter/all-gather layout (ZeRO's exact byte count).
 """
 from __future__ import annotations

@@ -681,9 +681,10 @@ class ShardedOptimizer:
     @torch.no_grad()
     def _exchange_updates(self, stepped: list[str]) -> None:
         """optim.lowrank_update: each owner broadcasts, per projected matrix it stepped, the low-rank direction
-        (r x n or m x r, fp32) and its step size and lr (fp64: the exact Python floats); every rank, the owner
-        included, applies them with the same function to its fp32 copy, so the copies stay bit-identical
-        (tests/distributed check it) while the matrix itself never travels."""
+        (r x n or m x r, in optim.comm_dtype: fp32 for an fp32 model, bf16 for a bf16 one) and its step size
+        and lr (fp64: the exact Python floats); every rank, the owner included, applies the values as sent with
+        the same function to its fp32 copy, so the copies stay bit-identical (tests/distributed check it) while
+        the matrix itself never travels."""
         names = dict(self.named)
         for owner in range(self.world_size):
             mine = [n for n in stepped if self.plan[n] == owner]
@@ -695,11 +696,12 @@ class ShardedOptimizer:
                            if self.inner is not None else None for n in bucket]
                     got = [g if g is not None else (torch.zeros(shapes[n], device=self.device), 0.0, 0.0)
                            for n, g in zip(bucket, got)]      # (no update computed: e.g. bench/comm.py)
-                    flat = torch.cat([d.reshape(-1) for d, _, _ in got])
+                    flat = torch.cat([d.reshape(-1) for d, _, _ in got]).to(self.comm_dtype)
                     scalars = torch.tensor([x for _, ss, lr in got for x in (ss, lr)], dtype=torch.float64,
                                            device=self.device)
                 else:
-                    flat = torch.empty(sum(shapes[n][0] * shapes[n][1] for n in bucket), device=self.device)
+                    flat = torch.empty(sum(shapes[n][0] * shapes[n][1] for n in bucket), dtype=self.comm_dtype,
+                                       device=self.device)
                     scalars = torch.empty(2 * len(bucket), dtype=torch.float64, device=self.device)
                 comm.broadcast(flat, owner, self.group, self.ledger, "updates")
                 comm.broadcast(scalars, owner, self.group, self.ledger, "updates")
@@ -707,7 +709,7 @@ class ShardedOptimizer:
                 off = 0
                 for i, n in enumerate(bucket):
                     k = shapes[n][0] * shapes[n][1]
-                    direction = flat[off:off + k].view(shapes[n])
+                    direction = flat[off:off + k].view(shapes[n]).float()   # the owner too: the value sent
                     off += k
                     replica = self.replicas[n]
                     apply_lowrank_update(replica, direction, self.bases[n], self.sides[n], step_size=values[2 * i],
