@@ -66,15 +66,21 @@ CASES = [
 ]
 
 
+def make_bad_files(d: Path) -> Path:
+    """The files the cases name under {tmp}: a broken recipe, bad tokenizers, a file where a directory belongs,
+    and DeepSpeed JSONs that contradict the run ("launched_": run as if under a launcher)."""
+    (d / "broken.toml").write_text("[train\nmax_steps = 3\n")
+    (d / "corrupt.model").write_bytes(b"this is not a sentencepiece model")
+    (d / "empty.model").write_bytes(b"")
+    (d / "a_file").write_text("")
+    (d / "launched_accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
+    (d / "launched_commfp32.json").write_text('{"communication_data_type": "fp32", "zero_optimization": {"stage": 2}}')
+    return d
+
+
 @pytest.fixture
 def workdir(tmp_path):
-    (tmp_path / "broken.toml").write_text("[train\nmax_steps = 3\n")
-    (tmp_path / "corrupt.model").write_bytes(b"this is not a sentencepiece model")
-    (tmp_path / "empty.model").write_bytes(b"")
-    (tmp_path / "a_file").write_text("")
-    (tmp_path / "launched_accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
-    (tmp_path / "launched_commfp32.json").write_text('{"communication_data_type": "fp32", "zero_optimization": {"stage": 2}}')
-    return tmp_path
+    return make_bad_files(tmp_path)
 
 
 def run_case(extra, corpus_dir, spm_path, tmp):
@@ -114,13 +120,7 @@ if __name__ == "__main__":               # the table for a closing note or the R
     print("| case | arguments | message |\n|---|---|---|")
     for name, extra, _ in CASES:
         with tempfile.TemporaryDirectory() as d:
-            d = Path(d)
-            (d / "broken.toml").write_text("[train\nmax_steps = 3\n")
-            (d / "corrupt.model").write_bytes(b"this is not a sentencepiece model")
-            (d / "empty.model").write_bytes(b"")
-            (d / "a_file").write_text("")
-            (d / "launched_accum1.json").write_text('{"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}')
-            (d / "launched_commfp32.json").write_text('{"communication_data_type": "fp32", "zero_optimization": {"stage": 2}}')
+            d = make_bad_files(Path(d))
             err, _ = run_case(extra, corpus, spm, d)
             shown = " ".join(extra).replace(str(d), "TMP")
             msg = "TRAINED" if err is None else str(err).replace(str(d), "TMP")

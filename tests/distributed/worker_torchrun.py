@@ -65,26 +65,31 @@ def main(out: Path, ckpt1: Path, names: list[str]):
 
     # low-rank gradient communication (clipping off: it measures what the optimizer sees), every projected
     # optimizer x grad mode; and a checkpoint at step 3 resumed by fresh wrappers (non-owner bases rebuilt)
+    def run_with_checkpoint(cfg, mode, dtype, stop, d):
+        """Train to `stop` with a checkpoint at step 3; resume that checkpoint with fresh wrappers to `stop`.
+        Returns (model, optimizer, resumed model)."""
+        model = C.tiny_model(dtype=dtype)
+        opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=mode)
+        C.train(model, opt, 0, 3, rank, world, clip=0.0)
+        save_optimizer_shards(opt, d)
+        if rank == 0:
+            torch.save(model.state_dict(), d / "model.pt")
+        dist.barrier()
+        C.train(model, opt, 3, stop, rank, world, clip=0.0)
+        model2 = C.tiny_model(seed=7, dtype=dtype)
+        model2.load_state_dict(torch.load(d / "model.pt", weights_only=True))
+        opt2 = ShardedOptimizer(list(model2.named_parameters()), cfg, grad_mode=mode)
+        load_optimizer_shards(opt2, d)
+        C.train(model2, opt2, 3, stop, rank, world, clip=0.0)
+        return model, opt, model2
+
     for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
         for mode in ("allreduce", "reduce"):
-            model = C.tiny_model()
             cfg = C.make_cfg(name)
             cfg.lowrank_comm = True
-            opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=mode)
-            C.train(model, opt, 0, 3, rank, world, clip=0.0)
-            d = out / "lowrank" / f"{name}_{mode}"
-            save_optimizer_shards(opt, d)
-            if rank == 0:
-                torch.save(model.state_dict(), d / "model.pt")
-            dist.barrier()
-            C.train(model, opt, 3, C.STEPS, rank, world, clip=0.0)
+            model, _, model2 = run_with_checkpoint(cfg, mode, torch.float32, C.STEPS, out / "lowrank" / f"{name}_{mode}")
             res[f"lowrank/{name}/{mode}"] = C.weights(model)
             res[f"lowrank/{name}/{mode}/agree"] = C.ranks_agree(model)
-            model2 = C.tiny_model(seed=7)
-            model2.load_state_dict(torch.load(d / "model.pt", weights_only=True))
-            opt2 = ShardedOptimizer(list(model2.named_parameters()), cfg, grad_mode=mode)
-            load_optimizer_shards(opt2, d)
-            C.train(model2, opt2, 3, C.STEPS, rank, world, clip=0.0)
             res[f"lowrank/{name}/{mode}/resumed"] = C.weights(model2)
 
     # low-rank updates as well (optim.lowrank_update): fp32 against the single process; bf16 with its fp32 copies
@@ -93,15 +98,8 @@ def main(out: Path, ckpt1: Path, names: list[str]):
         for dtype in (torch.float32, torch.bfloat16) if name == "rgp" else (torch.float32,):
             cfg = C.make_cfg(name)
             cfg.lowrank_comm = cfg.lowrank_update = True
-            model = C.tiny_model(dtype=dtype)
-            opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode="reduce")
-            C.train(model, opt, 0, 3, rank, world, clip=0.0)
             d = out / "lowrank_update" / f"{name}_{str(dtype)[6:]}"
-            save_optimizer_shards(opt, d)
-            if rank == 0:
-                torch.save(model.state_dict(), d / "model.pt")
-            dist.barrier()
-            C.train(model, opt, 3, 4 * C.STEPS, rank, world, clip=0.0)
+            model, opt, model2 = run_with_checkpoint(cfg, "reduce", dtype, 4 * C.STEPS, d)
             key = f"lowrank_update/{name}/{str(dtype)[6:]}"
             res[key] = C.weights(model)
             res[key + "/agree"] = C.ranks_agree(model)
@@ -111,11 +109,6 @@ def main(out: Path, ckpt1: Path, names: list[str]):
             same = torch.tensor([int(torch.equal(first, copies))])
             dist.all_reduce(same, op=dist.ReduceOp.MIN)
             res[key + "/copies_agree"] = bool(same.item())
-            model2 = C.tiny_model(seed=7, dtype=dtype)
-            model2.load_state_dict(torch.load(d / "model.pt", weights_only=True))
-            opt2 = ShardedOptimizer(list(model2.named_parameters()), cfg, grad_mode="reduce")
-            load_optimizer_shards(opt2, d)
-            C.train(model2, opt2, 3, 4 * C.STEPS, rank, world, clip=0.0)
             res[key + "/resumed"] = C.weights(model2)
 
     # the ledger of one real step (compared with the fake-process-group count in the test)
