@@ -291,6 +291,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # ZeRO-1 semantics (all-reduce every gradient) unless a DeepSpeed stage-2 config asks for reduce-to-owner
     optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode if ds else "allreduce",
                                  collectives_at_world_size_1=t.force_collectives)
+    optimizer.async_weights = True  # step() starts the weight broadcasts; wait_for_weights() below, before use
     stepper = None
     if cfg.optim.layerwise:  # step each parameter in its backward hook (optim/layerwise.py)
         from optim.layerwise import LayerwiseStepper
@@ -323,6 +324,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
               f"{'resumed from ' + str(ckpt) if ckpt else 'fresh start'}", flush=True)
 
     def save(step_now: int) -> None:
+        optimizer.wait_for_weights()
         meta = {"step": step_now, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t0,
                 "world_size": world, "model_args": model_args, "config": cfg.to_dict()}
         save_checkpoint(out_dir, step_now, meta, model, optimizer, batches, rank, t.keep_last)
@@ -337,7 +339,9 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
         # forward/backward over this rank's micro-batches; gradients accumulate in .grad
         loss_sum = torch.zeros((), device=device)
-        for micro, (x, y) in enumerate(batches.next_step()):
+        step_batches = batches.next_step()       # loading the data overlaps the last step's weight broadcasts
+        optimizer.wait_for_weights()
+        for micro, (x, y) in enumerate(step_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # gradient buckets are sent from backward hooks; ZeRO-1 accumulates all but the last micro-batch locally
             last = micro == t.grad_accum - 1
@@ -394,6 +398,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                      "optim_state_bytes": int(state_bytes)})
             t_log, tokens_log = now, tokens
         if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            optimizer.wait_for_weights()
             eval_loss = evaluate(model, val, t.micro_batch, rank, world, device)
             log.log({"step": step, "tokens": tokens, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
                      "elapsed_s": elapsed_before + time.time() - t0})
@@ -411,6 +416,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
             return PREEMPTED_EXIT
         if stop_here:
             break
+    optimizer.wait_for_weights()
     log.close()
     return 0
 

@@ -92,11 +92,11 @@ def reduce(t: torch.Tensor, dst: int, group, ledger: CommLedger | None, tag: str
     return dist.reduce(t, dst=_global(group, dst), group=group, async_op=async_op)
 
 
-def broadcast(t: torch.Tensor, src: int, group, ledger: CommLedger | None, tag: str):
-    """From group rank `src` (a group-local rank) to every rank."""
+def broadcast(t: torch.Tensor, src: int, group, ledger: CommLedger | None, tag: str, async_op: bool = False):
+    """From group rank `src` (a group-local rank) to every rank. With async_op, the work handle to wait on."""
     if ledger is not None:
         ledger.add("broadcast", t, tag)
-    return dist.broadcast(t, src=_global(group, src), group=group)
+    return dist.broadcast(t, src=_global(group, src), group=group, async_op=async_op)
 
 
 def all_gather_single(out: torch.Tensor, t: torch.Tensor, group, ledger: CommLedger | None, tag: str):

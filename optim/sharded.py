@@ -160,6 +160,8 @@ class ShardedOptimizer:
         # Overlapped reduction ("Gradients during backward" below): fixed owner buckets, launched from hooks
         self.overlap = self.distributed and not self.lowrank
         self.track_grad_memory = False                # measure grad_bytes_peak (tests, bench): costs a loop per hook
+        self.async_weights = False                    # step() only starts the weight broadcasts (broadcast_weights)
+        self._weights_inflight: list = []
         self.grad_bytes_peak = 0
         self._no_sync = False
         shapes = {n: tuple(p.shape) for n, p in self.named}
@@ -250,6 +252,7 @@ class ShardedOptimizer:
         Once per step: a second call before step()/zero_grad() does nothing."""
         if self._synced:
             return
+        self.wait_for_weights()
         if not self.distributed:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
                 raise RuntimeError("this ShardedOptimizer was built before torch.distributed was initialised; "
@@ -372,7 +375,11 @@ class ShardedOptimizer:
     @torch.no_grad()
     def broadcast_weights(self) -> None:
         """Every owner sends its (updated) parameters to the other ranks, in the parameters' dtype, coalesced
-        into buckets of at most BUCKET_BYTES per owner. Called by step(); nothing to do on one process."""
+        into buckets of at most BUCKET_BYTES per owner. Called by step(); nothing to do on one process.
+        With `async_weights` (train.py sets it) the broadcasts are only started: the caller overlaps them with
+        loading the next batch and must call wait_for_weights() before anything reads the weights (the
+        forward, an evaluation, a checkpoint); this wrapper's own entry points wait by themselves."""
+        self.wait_for_weights()
         if not self.distributed:
             return
         local = set(self.replicas)                 # lowrank_update: every rank updated these itself
@@ -388,12 +395,23 @@ class ShardedOptimizer:
         for ps in by_dtype.values():
             flat = torch.cat([p.detach().reshape(-1) for p in ps]) if owner == self.rank else \
                 torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
-            comm.broadcast(flat, owner, self.group, self.ledger, "weights")
+            work = comm.broadcast(flat, owner, self.group, self.ledger, "weights", async_op=self.async_weights)
             if owner != self.rank:
-                off = 0
-                for p in ps:
-                    p.copy_(flat[off:off + p.numel()].view_as(p))
-                    off += p.numel()
+                self._weights_inflight.append((work, flat, ps))
+        if not self.async_weights:
+            self.wait_for_weights()
+
+    @torch.no_grad()
+    def wait_for_weights(self) -> None:
+        """Finish the weight broadcasts started by step() (async_weights): received values land in the params."""
+        for work, flat, ps in self._weights_inflight:
+            if work is not None:
+                work.wait()
+            off = 0
+            for p in ps:
+                p.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
+        self._weights_inflight = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.overlap and not self._synced and (self._next_bucket or self._inflight):
@@ -757,6 +775,7 @@ class ShardedOptimizer:
 
     def state_dict(self) -> dict:
         """This rank's owned state keyed by parameter name, plus the plan and world size."""
+        self.wait_for_weights()
         out = {"format": FORMAT_VERSION, "world_size": self.world_size, "rank": self.rank,
                "optimizer": self.cfg.name, "plan": dict(self.plan), "state": {}, "masters": {},
                "param_groups": []}
@@ -776,6 +795,7 @@ class ShardedOptimizer:
     def load_state_dict(self, sd: dict) -> None:
         """Load states by name for the parameters this rank owns (the dict may hold more names, e.g. a
         merge of several ranks' files, or come from a different world size)."""
+        self.wait_for_weights()
         unknown = set(sd.get("plan", {})) ^ {n for n, _ in self.named}
         if sd.get("plan") and unknown:
             raise ValueError(f"optimizer checkpoint does not match the model: parameter names differ, "
