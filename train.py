@@ -35,8 +35,7 @@ from data.c4 import DataError, TrainBatches, check_layout, is_hub, validation_se
 from data.corpus import CorpusError
 from data.tokenizer import TokenizerError, load_tokenizer
 from model import build_model
-from optim import is_projected, validate_optim_config
-from optim.projection import check_rank
+from optim import build_optimizer
 from optim.schedule import lr_multiplier
 from optim.sharded import ShardedOptimizer
 from run_dir import RunDirError, resume_changes, run_dir_lock, start_metrics
@@ -214,15 +213,10 @@ def check_run(cfg, world: int, dtype: torch.dtype, deepspeed: bool) -> None:
         raise DataError(f"data.tokenizer {d.tokenizer!r} does not exist; fix the path, or train one there with "
                         f"python data/tokenizer.py --out {d.tokenizer} (or pass --data.build_local=true)")
     check_layout(d.num_streams, world, t.micro_batch * t.grad_accum * world)
-    validate_optim_config(cfg.optim)
-    if cfg.optim.name.removesuffix("8bit") != "adamw":   # ranks against the model's shapes, on the meta device
-        with torch.device("meta"):
-            shapes = build_model(cfg.model.size, cfg.model.vocab_size or 8, d.seq_len, dim=cfg.model.dim,
-                                 n_layers=cfg.model.n_layers, n_heads=cfg.model.n_heads,
-                                 intermediate_size=cfg.model.intermediate_size).named_parameters()
-            for name, p in shapes:
-                if is_projected(name, p.shape):
-                    check_rank(p.shape, cfg.optim.rank, name)
+    with torch.device("meta"):   # the optimizer's own checks (knobs, ranks against the shapes), nothing allocated
+        build_optimizer(build_model(cfg.model.size, cfg.model.vocab_size or 8, d.seq_len, dim=cfg.model.dim,
+                                    n_layers=cfg.model.n_layers, n_heads=cfg.model.n_heads,
+                                    intermediate_size=cfg.model.intermediate_size), cfg.optim)
     if cfg.optim.layerwise and (world > 1 or deepspeed or dtype != torch.float32 or t.grad_clip > 0):
         raise ConfigError("optim.layerwise needs one process, train.dtype=float32 and train.grad_clip=0 "
                           "(a parameter is updated before the other gradients exist)")

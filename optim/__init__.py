@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from optim.adam import OPTIMIZERS, LowRankAdamW, is_projected, make_groups
+from optim.adam import OPTIMIZERS, LowRankAdamW, is_projected, make_groups, projects
 from optim.layerwise import LayerwiseStepper
 from optim.projection import PROJ_TYPES
 
@@ -36,12 +36,12 @@ def validate_optim_config(cfg) -> None:
         raise ValueError(f"optim.eps must be >= 0, got {cfg.eps}")
     if getattr(cfg, "comm_dtype", "auto") not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"optim.comm_dtype must be auto, float32 or bfloat16, got {cfg.comm_dtype!r}")
-    if getattr(cfg, "lowrank_comm", False) and cfg.name.removesuffix("8bit") not in ("galore", "rgp"):
+    if getattr(cfg, "lowrank_comm", False) and not projects(cfg.name):
         raise ValueError(f"optim.lowrank_comm needs a projected optimizer (galore, rgp or their 8-bit variants), "
                          f"not {cfg.name}; drop --optim.lowrank_comm")
     if getattr(cfg, "lowrank_update", False) and not getattr(cfg, "lowrank_comm", False):
         raise ValueError("optim.lowrank_update needs optim.lowrank_comm=true (every rank keeps the bases)")
-    if cfg.name.removesuffix("8bit") == "adamw":
+    if not projects(cfg.name):
         return
     if cfg.rank < 1:
         raise ValueError(f"optim.rank must be >= 1 for {cfg.name}, got {cfg.rank}; set optim.rank (e.g. 128)")

@@ -69,7 +69,8 @@ import warnings
 
 from optim import comm
 from optim import projection as proj
-from optim.adam import apply_lowrank_update, is_projected, projects, set_basis
+from optim import validate_optim_config
+from optim.adam import apply_lowrank_update, is_projected, set_basis
 from optim.comm import CommLedger
 from optim.ownership import describe_disagreement, plan_ownership, run_signature
 
@@ -146,10 +147,8 @@ class ShardedOptimizer:
                            "float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(cfg, "comm_dtype", "auto")]
         self.ledger: CommLedger | None = None      # attach one to count this rank's bytes (bench/comm.py, tests)
         # Low-rank gradient communication (optim.lowrank_comm, the section "Low-rank communication" below)
+        validate_optim_config(cfg)                 # also when this rank owns nothing (no inner optimizer to check)
         self.lowrank = bool(getattr(cfg, "lowrank_comm", False))
-        if self.lowrank and not projects(cfg.name):
-            raise ValueError(f"optim.lowrank_comm needs a projected optimizer (galore, rgp or their 8-bit variants), "
-                             f"not {cfg.name}; drop --optim.lowrank_comm")
         self.projected = [n for n, p in self.named if self.lowrank and is_projected(n, p.shape)]
         self.sides = {n: proj.choose_side(tuple(p.shape), cfg.proj_type) for n, p in self.named if n in self.projected}
         self.bases: dict[str, torch.Tensor] = {}   # every projected matrix's basis, on every rank
