@@ -264,12 +264,13 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     if ckpt is None and t.resume == "none" and (out_dir / "metrics.jsonl").exists():
         raise RunError(f"{out_dir} already holds a run; continue it with --train.resume=auto "
                        f"or choose another --train.out_dir")
-    if ckpt is not None:
-        changes = resume_changes(read_meta(ckpt).get("config", {}), cfg.to_dict())
+    saved = read_meta(ckpt) if ckpt is not None else None
+    if saved is not None:
+        changes = resume_changes(saved.get("config", {}), cfg.to_dict())
         if rank == 0 and changes:
             print(f"resume from {ckpt.name} with changed settings: {'; '.join(changes)}", flush=True)
     if rank == 0:
-        note = start_metrics(out_dir, read_meta(ckpt)["step"] if ckpt is not None else None)
+        note = start_metrics(out_dir, saved["step"] if saved is not None else None)
         if note:
             print(note, flush=True)
         (out_dir / "config.toml").write_text(to_toml(cfg))
