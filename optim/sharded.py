@@ -56,6 +56,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import weakref
 from pathlib import Path
@@ -131,8 +132,8 @@ class ShardedOptimizer:
         self.grad_mode = grad_mode
         self.group = process_group
         self.named = [(n, p) for n, p in named_params if p.requires_grad]
-        names = [n for n, _ in self.named]
-        if len(set(names)) != len(names):
+        self._params = dict(self.named)
+        if len(self._params) != len(self.named):
             raise ValueError("ShardedOptimizer: parameter names must be unique")
         initialised = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size(process_group) if initialised else 1
@@ -193,9 +194,8 @@ class ShardedOptimizer:
         self.lowrank_update = self.lowrank and self.distributed and bool(getattr(cfg, "lowrank_update", False))
         self.replicas: dict[str, torch.Tensor] = {}
         if self.lowrank_update:
-            named = dict(self.named)
             for n in self.projected:
-                p = named[n]
+                p = self._params[n]
                 self.replicas[n] = self.masters.get(n, p) if p.dtype == torch.float32 or n in self.masters \
                     else p.detach().float().clone()
             if self.inner is not None:
@@ -468,7 +468,6 @@ class ShardedOptimizer:
             used[owner] = used.get(owner, 0) + p.numel() * wire
         self._bucket_names += [b for _, b in sorted(open_.items()) if b]
         self._bucket_of = {n: i for i, b in enumerate(self._bucket_names) for n in b}
-        self._params = dict(self.named)
         self._arrived = [0] * len(self._bucket_names)
         self._counted: set[str] = set()            # counted into its bucket during this micro-batch
         self._next_bucket = 0
@@ -581,7 +580,7 @@ class ShardedOptimizer:
                 self.masters[n].grad = acc.view_as(p)
                 p.grad = None
             else:
-                p.grad = acc.view_as(p) if p.dtype == torch.float32 else acc.view_as(p).to(p.dtype)
+                p.grad = acc.view_as(p).to(p.dtype)      # (no copy for fp32 weights)
         self._acc.clear()
         self._seen.clear()
 
@@ -605,6 +604,16 @@ class ShardedOptimizer:
     # reduced at refresh steps only. The owner then broadcasts the new basis. Gradient clipping in this mode
     # uses the norm of what the optimizer sees: projected gradients plus the full non-projected ones.
 
+    def _basis_shape(self, n: str) -> tuple[int, int]:
+        """(n, r) for side "right", (m, r) for "left" (optim/projection.py)."""
+        m, cols = self._params[n].shape
+        return (cols if self.sides[n] == "right" else m, self.cfg.rank)
+
+    def _low_shape(self, n: str) -> tuple[int, int]:
+        """The projected gradient's (and the low-rank update's) shape: (m, r) for "right", (r, n) for "left"."""
+        m, cols = self._params[n].shape
+        return (m, self.cfg.rank) if self.sides[n] == "right" else (self.cfg.rank, cols)
+
     def _local_grad(self, p: torch.Tensor) -> torch.Tensor:
         return p.grad.float() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
@@ -613,7 +622,7 @@ class ShardedOptimizer:
         steady = [(n, p) for n, p in items if n in self.bases and self.proj_steps[n] % T != 0]
         for owner in range(W):
             mine = [(n, p) for n, p in steady if self.plan[n] == owner]
-            for bucket in _buckets(mine, lambda np_: self.bases[np_[0]].shape[1] * max(np_[1].shape) * wire):
+            for bucket in _buckets(mine, lambda np_: math.prod(self._low_shape(np_[0])) * wire):
                 lows = [proj.project(self._local_grad(p), self.bases[n], self.sides[n]) for n, p in bucket]
                 flat = torch.cat([x.reshape(-1) for x in lows]).to(self.comm_dtype)
                 comm.reduce(flat, owner, self.group, self.ledger, "grads")
@@ -676,8 +685,7 @@ class ShardedOptimizer:
                 warnings.warn(f"non-finite gradient for {n}: projection refresh skipped")   # norm stops the step
                 new = self.bases.get(n, new)
             self._low[n] = low
-        shape = (p.shape[1] if side == "right" else p.shape[0], rank)
-        self._pending[n] = self._from(new, shape, owner, "bases")
+        self._pending[n] = self._from(new, self._basis_shape(n), owner, "bases")
 
     def _install_projected(self) -> None:
         """step(): the refreshed bases take effect (owners: in the optimizer state, moments re-expressed if
@@ -702,12 +710,11 @@ class ShardedOptimizer:
         and lr (fp64: the exact Python floats); every rank, the owner included, applies the values as sent with
         the same function to its fp32 copy, so the copies stay bit-identical (tests/distributed check it) while
         the matrix itself never travels."""
-        names = dict(self.named)
+        wire = torch.empty((), dtype=self.comm_dtype).element_size()
         for owner in range(self.world_size):
             mine = [n for n in stepped if self.plan[n] == owner]
-            shapes = {n: (self.cfg.rank, names[n].shape[1]) if self.sides[n] == "left" else (names[n].shape[0], self.cfg.rank)
-                      for n in mine}
-            for bucket in _buckets(mine, lambda n: shapes[n][0] * shapes[n][1] * 4):
+            shapes = {n: self._low_shape(n) for n in mine}
+            for bucket in _buckets(mine, lambda n: math.prod(shapes[n]) * wire):
                 if owner == self.rank:
                     got = [self.inner.updates.pop(self._grad_holder(n, self._owned_map[n]), None)
                            if self.inner is not None else None for n in bucket]
@@ -732,8 +739,8 @@ class ShardedOptimizer:
                     apply_lowrank_update(replica, direction, self.bases[n], self.sides[n], step_size=values[2 * i],
                                          scale=self.cfg.scale, lr=values[2 * i + 1],
                                          weight_decay=self.cfg.weight_decay)
-                    if replica is not names[n] and n not in self.masters:   # (owners' masters are copied by step)
-                        names[n].copy_(replica)
+                    if replica is not self._params[n] and n not in self.masters:   # (owners' masters: step copies)
+                        self._params[n].copy_(replica)
 
     def _share_projected_state(self) -> None:
         """After loading a checkpoint: every rank gets every projected matrix's basis and update count from
@@ -753,13 +760,11 @@ class ShardedOptimizer:
                 p = self._owned_map.get(n)
                 mine = self.plan[n] == self.rank
                 basis = self.inner.state[self._grad_holder(n, p)]["basis"] if mine else None
-                shape = (dict(self.named)[n].shape[1] if self.sides[n] == "right" else dict(self.named)[n].shape[0],
-                         self.cfg.rank)
-                got = self._from(basis, shape, self.plan[n], "resume")
+                got = self._from(basis, self._basis_shape(n), self.plan[n], "resume")
                 self.bases[n] = basis if mine else got
         for n in self.projected:                   # lowrank_update, bf16: non-owners' fp32 copies = the masters
-            if self.lowrank_update and n in self.replicas and self.replicas[n] is not dict(self.named)[n]:
-                p = dict(self.named)[n]
+            p = self._params[n]
+            if self.lowrank_update and n in self.replicas and self.replicas[n] is not p:
                 got = self._from(self.masters[n].detach() if self.plan[n] == self.rank else None, tuple(p.shape),
                                  self.plan[n], "resume")
                 if self.plan[n] != self.rank:
