@@ -14,8 +14,10 @@ import torch  # noqa: E402
 from config import OptimConfig  # noqa: E402
 from model.llama import build_model  # noqa: E402
 from optim import OPTIMIZERS  # noqa: E402
+from optim.adam import projects  # noqa: E402
 
 ALL_NAMES = OPTIMIZERS            # every optimizer the tests run: optim's own registry
+PROJECTED_NAMES = [n for n in ALL_NAMES if projects(n)]   # the ones low-rank communication applies to
 VOCAB, SEQ, GLOBAL_BATCH, STEPS, CLIP = 256, 32, 4, 6, 0.5
 
 

@@ -177,14 +177,14 @@ def test_missing_rank_file_is_detected(torchrun_results, tmp_path):
 def no_clip_reference(one_thread):
     """One process, the plain optimizer on the full batch, clipping off."""
     out = {}
-    for name in [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")]:
+    for name in C.PROJECTED_NAMES:
         model = C.tiny_model()
         C.train(model, ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name)), 0, C.STEPS, clip=0.0)
         out[name] = C.weights(model)
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")])
+@pytest.mark.parametrize("name", C.PROJECTED_NAMES)
 @pytest.mark.parametrize("mode", ["allreduce", "reduce"])
 def test_lowrank_comm_matches_single_process(torchrun_results, no_clip_reference, name, mode):
     """Reducing G_i @ Q (and, at RGP refreshes, the sketches) gives the single process's weights up to the
@@ -200,14 +200,14 @@ def test_lowrank_comm_matches_single_process(torchrun_results, no_clip_reference
 @pytest.fixture(scope="module")
 def long_no_clip_reference(one_thread):
     out = {}
-    for name in [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")]:
+    for name in C.PROJECTED_NAMES:
         model = C.tiny_model()
         C.train(model, ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name)), 0, 4 * C.STEPS, clip=0.0)
         out[name] = C.weights(model)
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")])
+@pytest.mark.parametrize("name", C.PROJECTED_NAMES)
 def test_lowrank_updates_keep_replicas_identical(torchrun_results, long_no_clip_reference, name):
     """optim.lowrank_update over 24 steps: the projected matrices never travel, every rank applies the owners'
     low-rank updates to its own copy, and all copies stay equal bit for bit (fp32 weights; for bf16 also the
@@ -253,7 +253,7 @@ def test_deepspeed_matches_single_process(deepspeed_results, full_batch_referenc
     assert abs(res[key + "/grad_norm"] - FULL_BATCH_NORMS[name]) <= 1e-3 * FULL_BATCH_NORMS[name]
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n.removesuffix("8bit") in ("galore", "rgp")] + ["rgp+update"])
+@pytest.mark.parametrize("name", C.PROJECTED_NAMES + ["rgp+update"])
 def test_deepspeed_lowrank_comm_matches_single_process(deepspeed_results, no_clip_reference, name):
     assert deepspeed_results[f"lowrank/{name}/agree"]
     assert_close(deepspeed_results[f"lowrank/{name}"], no_clip_reference[name.split("+")[0]], name.split("+")[0])

@@ -65,7 +65,7 @@ def main(out: Path, names: list[str]):
             res[key + "/grad_norm"] = float(opt.last_grad_norm)
             res[key + "/backward_allreduce"] = bool(engine.enable_backward_allreduce)
     # low-rank gradient communication under the engine (stage 2, clipping off); rgp with low-rank updates too
-    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")] + ["rgp+update"]:
+    for name in [n for n in names if n in C.PROJECTED_NAMES] + ["rgp+update"]:
         model = C.tiny_model()
         ds = read_deepspeed_config(ds_config(out, 2), 2)
         cfg = C.make_cfg(name.split("+")[0])

@@ -83,7 +83,7 @@ def main(out: Path, ckpt1: Path, names: list[str]):
         C.train(model2, opt2, 3, stop, rank, world, clip=0.0)
         return model, opt, model2
 
-    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
+    for name in [n for n in names if n in C.PROJECTED_NAMES]:
         for mode in ("allreduce", "reduce"):
             cfg = C.make_cfg(name)
             cfg.lowrank_comm = True
@@ -94,7 +94,7 @@ def main(out: Path, ckpt1: Path, names: list[str]):
 
     # low-rank updates as well (optim.lowrank_update): fp32 against the single process; bf16 with its fp32 copies
     # on every rank, through a checkpoint (non-owners' copies rebuilt from the owners' masters)
-    for name in [n for n in names if n.removesuffix("8bit") in ("galore", "rgp")]:
+    for name in [n for n in names if n in C.PROJECTED_NAMES]:
         for dtype in (torch.float32, torch.bfloat16) if name == "rgp" else (torch.float32,):
             cfg = C.make_cfg(name)
             cfg.lowrank_comm = cfg.lowrank_update = True
