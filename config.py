@@ -178,6 +178,18 @@ def _apply(cfg: Config, data: dict[str, Any]) -> None:
             _set(cfg, name, body)
 
 
+def flatten(cfg: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.01}} -> {"optim.lr": 0.01}: a `Config.to_dict()` (or a run's config.toml) by dotted key."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from `to_dict()` output (a checkpoint's or a run directory's config)."""
     cfg = Config()

@@ -24,6 +24,8 @@ import socket
 import time
 from pathlib import Path
 
+from config import flatten
+
 LOCK_NAME = ".lock"
 METRICS = "metrics.jsonl"
 
@@ -89,20 +91,10 @@ def start_metrics(out_dir: str | Path, resume_step: int | None) -> str | None:
     return f"dropped {dropped} metrics records logged after step {resume_step} (they are trained again)"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(saved: dict, now: dict) -> list[str]:
     """Compare the checkpoint's resolved config with this run's (both `Config.to_dict()`); RunDirError for a
     change the saved state cannot honour, else the list of changes ("optim.lr 0.001 -> 0.002") to print."""
-    a, b = _flatten(saved), _flatten(now)
+    a, b = flatten(saved), flatten(now)
     changes = []
     for key in sorted(set(a) | set(b)):
         if key in IGNORED_ON_RESUME or a.get(key) == b.get(key):

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.runs import (RunDirError, eval_records, flatten, human_bytes, read_config, read_metrics,  # noqa: E402
+from config import flatten  # noqa: E402
+from tools.runs import (RunDirError, eval_records, human_bytes, read_config, read_metrics,  # noqa: E402
                         require_run_dir, train_records)
 
 # Keys that differ between runs without saying anything about the experiment.

@@ -96,18 +96,6 @@ def read_config(run_dir: str | Path) -> dict:
         raise RunDirError(f"{path} is not valid TOML: {e}") from None
 
 
-def flatten(cfg: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 0.01}} -> {"optim.lr": 0.01}."""
-    out = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def human_bytes(n: float | None) -> str:
     """1536 -> '1.50 KiB'; None -> '-'."""
     if n is None:
