@@ -20,6 +20,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools.runs import read_metrics, train_records  # noqa: E402
 
 
 def emit(**kw):
@@ -35,8 +38,7 @@ def run(tree: Path, out: Path, steps: int, extra: list[str]) -> float:
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: train.py failed:\n{proc.stderr[-2000:]}")
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]
+    rates = [r["tokens_per_s"] for r in train_records(read_metrics(out)) if "tokens_per_s" in r][1:]
     return statistics.median(rates)
 
 

@@ -53,9 +53,10 @@ def flops_per_token(params: int, n_layers: int, dim: int, seq_len: int) -> float
 
 
 def summarise(out_dir: Path) -> dict:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    train_recs = [r for r in records if "tokens_per_s" in r]
-    evals = [r for r in records if "eval_ppl" in r]
+    from tools.runs import eval_records, read_metrics, train_records
+    records = read_metrics(out_dir)
+    train_recs = [r for r in train_records(records) if "tokens_per_s" in r]
+    evals = eval_records(records)
     rates = [r["tokens_per_s"] for r in train_recs[1:]] or [r["tokens_per_s"] for r in train_recs]
     return {"tokens_per_s": statistics.median(rates), "loss": train_recs[-1]["loss"],
             "eval_ppl": evals[-1]["eval_ppl"] if evals else None,
