@@ -137,6 +137,7 @@ def save_checkpoint(out_dir: str | Path, step: int, meta: dict, model, optimizer
     file-size limit) raises a one-line CheckpointError on every rank instead of a traceback on one and a hang
     on the others; the partial .tmp directory is removed and the previous checkpoint is left as it was.
     """
+    optimizer.wait_for_weights()       # weights still arriving from their owners (async_weights) are saved whole
     out_dir = Path(out_dir)
     root = out_dir / checkpoint_files.CHECKPOINTS
     final = root / checkpoint_files.step_dir(step)

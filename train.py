@@ -319,7 +319,6 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
               f"{'resumed from ' + str(ckpt) if ckpt else 'fresh start'}", flush=True)
 
     def save(step_now: int) -> None:
-        optimizer.wait_for_weights()
         meta = {"step": step_now, "tokens": tokens, "elapsed_s": elapsed_before + time.time() - t0,
                 "world_size": world, "model_args": model_args, "config": cfg.to_dict()}
         save_checkpoint(out_dir, step_now, meta, model, optimizer, batches, rank, t.keep_last)
