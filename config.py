@@ -61,6 +61,10 @@ class OptimConfig:
     oversampling: int = 2              # RGP: k = rank + oversampling
     power_iters: int = 0               # RGP: subspace (power) iterations
     moments_on_refresh: str = "keep"   # keep (GaLore) or project (re-express moments in the new basis)
+    rank_decay: float = 1.0            # rank-decaying galore/rgp: divide the rank by this at every later refresh (1: off)
+    min_rank: int = 4                  # the floor of rank_decay and rank_energy
+    rank_energy: float = 0.0           # adaptive rank: smallest r keeping this fraction of the gradient's energy (0: off)
+    basis_dtype: str = "float32"       # storage of the projection bases: float32, bfloat16, int8 (fp32 math)
     layerwise: bool = False            # step each parameter in its post-accumulate-grad hook
     comm_dtype: str = "auto"           # gradient communication dtype: auto (the weights'), float32, bfloat16
     lowrank_comm: bool = False         # send projected gradients G @ Q instead of G (galore/rgp, >1 process)

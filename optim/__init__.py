@@ -16,7 +16,7 @@ import torch
 
 from optim.adam import OPTIMIZERS, LowRankAdamW, is_projected, make_groups, projects
 from optim.layerwise import LayerwiseStepper
-from optim.projection import PROJ_TYPES
+from optim.projection import BASIS_DTYPES, PROJ_TYPES
 
 __all__ = ["OPTIMIZERS", "LayerwiseStepper", "LowRankAdamW", "build_optimizer", "is_projected", "validate_optim_config"]
 
@@ -55,6 +55,27 @@ def validate_optim_config(cfg) -> None:
                          f"{cfg.oversampling}, {cfg.power_iters}")
     if cfg.moments_on_refresh not in ("keep", "project"):
         raise ValueError(f"optim.moments_on_refresh must be keep or project, got {cfg.moments_on_refresh!r}")
+    # rank schedules and basis precision (docs/design.md, "Rank schedules and basis precision")
+    decay, energy = getattr(cfg, "rank_decay", 1.0), getattr(cfg, "rank_energy", 0.0)
+    min_rank, basis_dtype = getattr(cfg, "min_rank", 1), getattr(cfg, "basis_dtype", "float32")
+    if not decay >= 1.0:   # (also catches NaN)
+        raise ValueError(f"optim.rank_decay must be >= 1 (1: off; 2 halves the rank at every refresh), got {decay}")
+    if not 0.0 <= energy < 1.0:
+        raise ValueError(f"optim.rank_energy must be in [0, 1) (0: off; e.g. 0.9 keeps 90% of the gradient's "
+                         f"energy), got {energy}")
+    if min_rank < 1:
+        raise ValueError(f"optim.min_rank must be >= 1, got {min_rank}; set it to the smallest rank to decay to (e.g. 4)")
+    if (decay != 1.0 or energy > 0) and min_rank > cfg.rank:
+        raise ValueError(f"optim.min_rank {min_rank} exceeds optim.rank {cfg.rank}; set optim.min_rank <= optim.rank")
+    if basis_dtype not in BASIS_DTYPES:
+        raise ValueError(f"unknown optim.basis_dtype {basis_dtype!r}; use one of {', '.join(BASIS_DTYPES)}")
+    if getattr(cfg, "lowrank_comm", False):
+        # every rank keeps every basis at the fixed shape (rows, optim.rank) in fp32 (optim/sharded.py)
+        for key, off in (("rank_decay", decay == 1.0), ("rank_energy", energy == 0.0),
+                         ("basis_dtype", basis_dtype == "float32")):
+            if not off:
+                raise ValueError(f"optim.{key}={getattr(cfg, key)!r} is not supported with optim.lowrank_comm yet; "
+                                 f"turn one off")
 
 
 def build_optimizer(named_params: Iterable | torch.nn.Module, cfg) -> LowRankAdamW:

@@ -30,8 +30,17 @@ no basis yet, its whole update is skipped for this step (its step counter does n
 finite gradient builds the basis at "step 0").
 
 State (`state_dict()`) holds only tensors and Python numbers: "step" (int), "exp_avg"/"exp_avg_sq" (fp32) or
-"state1"/"state2" (uint8 codes) with "absmax1"/"absmax2" (fp32), and "basis" (fp32) for projected params.
+"state1"/"state2" (uint8 codes) with "absmax1"/"absmax2" (fp32), and "basis" for projected params (fp32, or
+bf16, or int8 codes with a per-column fp32 "basis_scale": optim.basis_dtype).
 The dynamic quantization maps are constants (`bitsandbytes.functional.create_dynamic_map`), not state.
+
+Rank schedules (docs/design.md, "Rank schedules and basis precision"): with optim.rank_decay > 1 or
+optim.rank_energy > 0 a refresh may install a basis of another rank r2 than the old one's r1. The moments
+follow: moments_on_refresh="project" re-expresses them with the (rectangular, r1 x r2) change of basis,
+"keep" keeps their first r2 coordinates; 8-bit moments are dequantized, resized and re-quantized in the same
+format (8-bit or fp32, decided once by bnb's size rule at the start rank optim.rank, so no resize ever makes
+the state bigger than `state_bytes`). The state's tensors really shrink; a matrix's current rank is its basis'
+second dimension (`LowRankAdamW.current_ranks()`).
 """
 from __future__ import annotations
 
@@ -81,9 +90,11 @@ def quantized(numel: int, bits: int) -> bool:
     return bits == 8 and numel >= MIN_8BIT_SIZE
 
 
-def init_moments(like: torch.Tensor, bits: int) -> dict:
-    """Zero Adam moments shaped like `like`: fp32, or 8-bit codes + absmax when bits == 8 and it is large enough."""
-    if quantized(like.numel(), bits):
+def init_moments(like: torch.Tensor, bits: int, whole_numel: int | None = None) -> dict:
+    """Zero Adam moments shaped like `like`: fp32, or 8-bit codes + absmax when bits == 8 and it is large enough.
+    whole_numel: `like` is a slice of a tensor of that many values (optim/ownership.py): bnb's small-tensor rule
+    is applied to the whole tensor, so every slice is stored as the whole tensor would be."""
+    if quantized(whole_numel or like.numel(), bits):
         blocks = (like.numel() + BLOCKSIZE - 1) // BLOCKSIZE
         zeros8 = lambda: torch.zeros(like.shape, dtype=torch.uint8, device=like.device)  # noqa: E731
         absmax = lambda: torch.zeros(blocks, dtype=torch.float32, device=like.device)    # noqa: E731
@@ -103,6 +114,34 @@ def load_moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return (dequantize(state["state1"], state["absmax1"], m_map),
                 dequantize(state["state2"], state["absmax2"], v_map))
     return state["exp_avg"], state["exp_avg_sq"]
+
+
+def replace_moments(state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+    """Install fp32 moments of a new shape (a rank change) in the state's existing format: new tensors, so the
+    old ones are freed. Same shape: `store_moments`."""
+    if m.shape == (state["state1"] if is_8bit(state) else state["exp_avg"]).shape:
+        store_moments(state, m, v)
+    elif is_8bit(state):
+        m_map, v_map = qmaps(m.device)
+        state["state1"], state["absmax1"] = quantize(m.contiguous(), m_map)
+        state["state2"], state["absmax2"] = quantize(v.contiguous(), v_map)
+    else:
+        state["exp_avg"], state["exp_avg_sq"] = m.contiguous(), v.contiguous()
+
+
+def load_basis(state: dict) -> torch.Tensor:
+    """The fp32 basis the projection uses (the stored tensor itself when optim.basis_dtype is float32)."""
+    return proj.dequantize_basis(state["basis"], state.get("basis_scale"))
+
+
+def store_basis(state: dict, basis: torch.Tensor, basis_dtype: str) -> torch.Tensor:
+    """Keep `basis` (fp32) in optim.basis_dtype; returns the fp32 basis the projection will use (its rounding)."""
+    stored, scale = proj.quantize_basis(basis, basis_dtype)
+    state["basis"] = stored
+    state.pop("basis_scale", None)
+    if scale is not None:
+        state["basis_scale"] = scale
+    return proj.dequantize_basis(stored, scale)
 
 
 def store_moments(state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
@@ -208,9 +247,11 @@ def galore_adam_direction(low_grad: torch.Tensor, m: torch.Tensor, v: torch.Tens
 def lowrank_adam_update(p: torch.Tensor, grad: torch.Tensor, state: dict, *, name: str, lr: float,
                         beta1: float, beta2: float, eps: float, weight_decay: float, rank: int,
                         update_proj_gap: int, scale: float, proj_type: str, method: str, oversampling: int,
-                        power_iters: int, moments_on_refresh: str, bits: int) -> bool:
+                        power_iters: int, moments_on_refresh: str, bits: int, rank_decay: float = 1.0,
+                        min_rank: int = 1, rank_energy: float = 0.0, basis_dtype: str = "float32") -> bool:
     """One GaLore/RGP step of a 2-D parameter.  Returns False when the update was skipped (no basis yet and a
-    non-finite gradient)."""
+    non-finite gradient). `rank` is the start rank: the refresh at step k*T uses at most
+    scheduled_rank(rank, rank_decay, min_rank, k), fewer with rank_energy > 0 (optim/projection.py)."""
     side = proj.choose_side(p.shape, proj_type)
     step = state.get("step", 0)
     old = state.get("basis")
@@ -221,47 +262,64 @@ def lowrank_adam_update(p: torch.Tensor, grad: torch.Tensor, state: dict, *, nam
             if old is None:
                 return False
         else:
+            cap = proj.scheduled_rank(rank, rank_decay, min_rank, step // update_proj_gap)
             if method == "svd":
-                new = proj.exact_basis(grad, rank, side)
+                new = proj.exact_basis(grad, cap, side, energy=rank_energy, min_rank=min_rank)
             else:
-                new = proj.randomized_basis(grad, rank, side, oversampling, power_iters, name=name, step=step)
-            set_basis(state, new, side, moments_on_refresh)
+                new = proj.randomized_basis(grad, cap, side, oversampling, power_iters, name=name, step=step,
+                                            energy=rank_energy, min_rank=min_rank)
+            set_basis(state, new, side, moments_on_refresh, basis_dtype=basis_dtype)
     g32 = grad if grad.dtype == torch.float32 else grad.float()
-    low = proj.project(g32, state["basis"], side)
+    basis = load_basis(state)
+    low = proj.project(g32, basis, side)
+    # 8-bit or fp32 moments is decided at the start rank, so no later rank makes the state bigger (module doc)
+    start_numel = rank * (p.shape[0] if side == "right" else p.shape[1])
     lowrank_adam_apply(p, low, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                       scale=scale, side=side, bits=bits)
+                       scale=scale, side=side, bits=bits, basis=basis, whole_numel=start_numel)
     return True
 
 
 @torch.no_grad()
-def set_basis(state: dict, new: torch.Tensor, side: str, moments_on_refresh: str) -> None:
-    """Install a refreshed basis; with moments_on_refresh="project" re-express the moments in it first."""
-    old = state.get("basis")
-    if old is not None and moments_on_refresh == "project" and "step" in state:
+def set_basis(state: dict, new: torch.Tensor, side: str, moments_on_refresh: str,
+              basis_dtype: str = "float32") -> None:
+    """Install a refreshed fp32 basis, stored in `basis_dtype`. The moments follow it: "project" re-expresses them
+    in the new basis (rectangular when the rank changes), "keep" keeps them as they are, cut to (or padded with
+    zeros up to) the new rank. Both use the bases the projection really uses (their dequantized copies)."""
+    old = load_basis(state) if state.get("basis") is not None else None
+    new = store_basis(state, new, basis_dtype)
+    if old is None or "step" not in state:
+        return
+    if moments_on_refresh == "project":
         m, v = load_moments(state)
         m2, v2 = proj.reproject_moments(m, v, proj.change_of_basis(old, new, side), side)
-        store_moments(state, m2, v2)
-    state["basis"] = new
+        replace_moments(state, m2, v2)
+    elif old.shape[1] != new.shape[1]:
+        m, v = load_moments(state)
+        replace_moments(state, proj.resize_moment(m, new.shape[1], side), proj.resize_moment(v, new.shape[1], side))
 
 
 @torch.no_grad()
 def lowrank_adam_apply(p: torch.Tensor, low: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float,
-                       eps: float, weight_decay: float, scale: float, side: str, bits: int) -> None:
-    """The update from the projected gradient `low` in the basis state["basis"] (GaLoreAdamW's math). The
-    sharded optimizer's low-rank communication hands owners `low` directly (optim/sharded.py)."""
-    norm_grad, step_size = lowrank_adam_direction(low, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, bits=bits)
-    apply_lowrank_update(p, norm_grad, state["basis"], side, step_size=step_size, scale=scale, lr=lr,
-                         weight_decay=weight_decay)
+                       eps: float, weight_decay: float, scale: float, side: str, bits: int,
+                       basis: torch.Tensor | None = None, whole_numel: int | None = None) -> None:
+    """The update from the projected gradient `low` in the state's basis (GaLoreAdamW's math; `basis`: its fp32
+    copy when the caller has already dequantized it). The sharded optimizer's low-rank communication hands owners
+    `low` directly (optim/sharded.py)."""
+    norm_grad, step_size = lowrank_adam_direction(low, state, lr=lr, beta1=beta1, beta2=beta2, eps=eps, bits=bits,
+                                                  whole_numel=whole_numel)
+    apply_lowrank_update(p, norm_grad, load_basis(state) if basis is None else basis, side, step_size=step_size,
+                         scale=scale, lr=lr, weight_decay=weight_decay)
 
 
 @torch.no_grad()
 def lowrank_adam_direction(low: torch.Tensor, state: dict, *, lr: float, beta1: float, beta2: float, eps: float,
-                           bits: int) -> tuple[torch.Tensor, float]:
+                           bits: int, whole_numel: int | None = None) -> tuple[torch.Tensor, float]:
     """Adam on the projected gradient: moments and step count in `state` advance; returns (m / denom, step size).
-    The low-rank update of the matrix is step size x scale x project_back(m / denom)."""
+    The low-rank update of the matrix is step size x scale x project_back(m / denom). `whole_numel`: the moments'
+    size at the start rank, which decides 8-bit vs fp32 moments (`init_moments`; default: low's size)."""
     step = state.get("step", 0)
     if "step" not in state:
-        state.update(init_moments(low, bits))
+        state.update(init_moments(low, bits, whole_numel))
     step += 1
     state["step"] = step
     m, v = load_moments(state)
@@ -308,19 +366,39 @@ def moment_bytes(numel: int, bits: int) -> int:
     return 2 * 4 * numel
 
 
+BASIS_VALUE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+def basis_bytes_of(rows: int, rank: int, basis_dtype: str = "float32") -> int:
+    """Bytes of a (rows, rank) basis stored in `basis_dtype` (int8: plus one fp32 scale per column)."""
+    return rows * rank * BASIS_VALUE_BYTES[basis_dtype] + (4 * rank if basis_dtype == "int8" else 0)
+
+
+def basis_bytes(name: str, shape, cfg) -> int:
+    """The projection basis' share of `state_bytes` at the start rank (0 for a parameter that is not projected)."""
+    if not (projects(cfg.name) and is_projected(name, shape)):
+        return 0
+    m, n = int(shape[0]), int(shape[1])
+    rows = n if proj.choose_side((m, n), cfg.proj_type) == "right" else m
+    return basis_bytes_of(rows, cfg.rank, getattr(cfg, "basis_dtype", "float32"))
+
+
 def state_bytes(name: str, shape, cfg) -> int:
     """Bytes of one parameter's optimizer state under `cfg` (an OptimConfig) once it has stepped, as LowRankAdamW
-    lays it out: the moments, plus for a projected (m, n) weight the fp32 basis, with moments of the projected
-    gradient's shape. The one model of state bytes (the ownership plan, tools/estimate_memory.py and
-    bench/memory.py use it); tests/optim hold it to the real optimizer's state."""
+    lays it out: the moments, plus for a projected (m, n) weight the basis (in optim.basis_dtype), with moments of
+    the projected gradient's shape. The one model of state bytes (the ownership plan, tools/estimate_memory.py and
+    bench/memory.py use it); tests/optim hold it to the real optimizer's state.
+    Always at the start rank optim.rank: rank_decay and rank_energy only ever lower a matrix's rank below it and
+    the moments keep the format chosen at that rank, so this is the peak (the first basis) and an upper bound
+    afterwards, when the real state shrinks (LowRankAdamW.current_ranks() says to which ranks)."""
     bits = 8 if cfg.name.endswith("8bit") else 32
     if not (projects(cfg.name) and is_projected(name, shape)):
         return moment_bytes(math.prod(int(s) for s in shape), bits)
     m, n = int(shape[0]), int(shape[1])
     proj.check_rank((m, n), cfg.rank, name)           # the optimizer refuses a rank above min(m, n) too
     side = proj.choose_side((m, n), cfg.proj_type)    # "right": basis (n, r), moments (m, r); "left": (m, r), (r, n)
-    basis_rows, moment_cols = (n, m) if side == "right" else (m, n)
-    return 4 * basis_rows * cfg.rank + moment_bytes(cfg.rank * moment_cols, bits)
+    moment_cols = m if side == "right" else n
+    return basis_bytes(name, shape, cfg) + moment_bytes(cfg.rank * moment_cols, bits)
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -390,7 +468,9 @@ class LowRankAdamW(torch.optim.Optimizer):
                 weight_decay=wd, rank=group["rank"], update_proj_gap=group["update_proj_gap"],
                 scale=group["scale"], proj_type=group["proj_type"], method=group["method"],
                 oversampling=group["oversampling"], power_iters=group["power_iters"],
-                moments_on_refresh=group["moments_on_refresh"], bits=group["bits"])
+                moments_on_refresh=group["moments_on_refresh"], bits=group["bits"],
+                rank_decay=group.get("rank_decay", 1.0), min_rank=group.get("min_rank", 1),
+                rank_energy=group.get("rank_energy", 0.0), basis_dtype=group.get("basis_dtype", "float32"))
             return
         if group["bits"] == 8:
             grad = grad.contiguous()
@@ -451,6 +531,19 @@ class LowRankAdamW(torch.optim.Optimizer):
                                  beta1, beta2, group["eps"], group["weight_decay"])
         return rest
 
+    def current_ranks(self) -> dict[str, int]:
+        """{parameter name: the rank of its current basis} for the projected parameters that have a basis (none
+        before their first step). Constant optim.rank unless optim.rank_decay / optim.rank_energy are set."""
+        out = {}
+        for group in self.param_groups:
+            if group["kind"] != "lowrank":
+                continue
+            for name, p in zip(group["names"], group["params"]):
+                basis = self.state[p].get("basis") if p in self.state else None
+                if basis is not None:
+                    out[name] = int(basis.shape[1])
+        return out
+
     # ------------------------------------------------------------------------------ save / restore
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore exactly (tensors are copied, dtypes kept); a state of another optimizer is a ValueError."""
@@ -482,6 +575,28 @@ class LowRankAdamW(torch.optim.Optimizer):
             p = params[idx]
             self.state[p] = {k: (v.detach().clone().to(p.device) if torch.is_tensor(v) else v)
                              for k, v in st.items()}
+            group = self._groups_of[p]
+            if group["kind"] == "lowrank" and self.state[p].get("basis") is not None:
+                _check_lowrank_state(self._names[p], p.shape, self.state[p], group)
+
+
+def _check_lowrank_state(name: str, shape, state: dict, group: dict) -> None:
+    """A loaded projected state's shapes fit the parameter: the basis (rows, r) with 1 <= r <= the group's start
+    rank (rank schedules save smaller ones), the moments of the matching (m, r) / (r, n) shape; else a ValueError
+    now instead of a shape error at the next step."""
+    side = proj.choose_side(shape, group["proj_type"])
+    rows = shape[1] if side == "right" else shape[0]
+    basis = state["basis"]
+    r = basis.shape[1] if basis.dim() == 2 else -1
+    if basis.dim() != 2 or basis.shape[0] != rows or not 1 <= r <= group["rank"]:
+        raise ValueError(f"optimizer state does not match: {name}'s basis has shape {tuple(basis.shape)}, expected "
+                         f"({rows}, r) with 1 <= r <= optim.rank {group['rank']}; load a state saved with this "
+                         f"model and optim config")
+    moment = state.get("state1", state.get("exp_avg"))
+    low = (shape[0], r) if side == "right" else (r, shape[1])
+    if moment is not None and tuple(moment.shape) != low:
+        raise ValueError(f"optimizer state does not match: {name}'s moments have shape {tuple(moment.shape)}, its "
+                         f"basis of rank {r} needs {low}; load a state saved with this model and optim config")
 
 
 def _chunks(params: list, max_numel: int):
@@ -520,6 +635,9 @@ def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:
          "bits": bits, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale,
          "proj_type": cfg.proj_type, "method": "svd" if base == "galore" else "rsvd",
          "oversampling": cfg.oversampling, "power_iters": cfg.power_iters,
-         "moments_on_refresh": cfg.moments_on_refresh, "lr": matrix_lr, "base_lr": matrix_lr},
+         "moments_on_refresh": cfg.moments_on_refresh, "lr": matrix_lr, "base_lr": matrix_lr,
+         # rank schedules and basis storage (docs/design.md, "Rank schedules and basis precision")
+         "rank_decay": getattr(cfg, "rank_decay", 1.0), "min_rank": getattr(cfg, "min_rank", 1),
+         "rank_energy": getattr(cfg, "rank_energy", 0.0), "basis_dtype": getattr(cfg, "basis_dtype", "float32")},
         other,
     ]
