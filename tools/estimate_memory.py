@@ -2,6 +2,7 @@
 
     python tools/estimate_memory.py --model llama_1b --optim rgp8bit --rank 512 --world-size 8 --zero 2 --micro-batch 16
     python tools/estimate_memory.py --model 60m --optim adamw --world-size 1 --zero 0 --micro-batch 32 --dtype fp32
+    python tools/estimate_memory.py --model llama_1b --optim rgp8bit --rank 512 --basis-dtype int8   # 8-bit bases
     python tools/estimate_memory.py --check      # estimate vs measured optimizer state (tiny and 60m, world size 1)
     python bench/memtrack.py                     # activations and peak vs a fake-tensor measurement (60m, 1b)
 
@@ -22,10 +23,13 @@ Accounting, per rank, for the rank with the most (optimizer state + fp32 masters
   shapes), per parameter `optim.adam.state_bytes`, the state layout of optim/adam.py (which the plan uses too):
     adamw:        2 x 4 x numel (exp_avg, exp_avg_sq in fp32)
     adamw8bit:    numel >= 4096: 2 x numel uint8 codes + 2 x 4 x ceil(numel/256) absmax; else as adamw
-    galore/rgp:   projected 2-D weights (m, n): basis min(m,n) x r fp32 + moments of the projected gradient,
+    galore/rgp:   projected 2-D weights (m, n): basis min(m,n) x r (--basis-dtype: 4 bytes a value for float32,
+                  2 for bfloat16, 1 for int8 plus a 4-byte scale per column) + moments of the projected gradient,
                   2 x r x max(m,n) values, fp32 or (8bit variants) uint8 codes + absmax with the same
                   4096-element rule; every other parameter (embeddings, lm_head, norms) as adamw / adamw8bit.
                   (proj_type left/right: basis and moments follow the chosen side instead of min/max.)
+                  At the start rank r = optim.rank: optim.rank_decay / rank_energy only lower it later, so this
+                  is the peak. optimizer_state_basis: the bases' share of optimizer_state.
 - masters: fp32 copies of the owned parameters when --dtype is bf16 (4 x owned numel), 0 for fp32.
 - lowrank_update_copies (--lowrank-update, bf16): fp32 copies of the projected matrices the rank does not own;
   with optim.lowrank_update every rank applies the owners' low-rank updates to its own fp32 copy.
@@ -85,7 +89,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from config import OptimConfig  # noqa: E402
-from optim.adam import FOREACH_CHUNK_NUMEL, is_projected, projects, state_bytes  # noqa: E402
+from optim.adam import FOREACH_CHUNK_NUMEL, basis_bytes, is_projected, projects, state_bytes  # noqa: E402
+from optim.projection import BASIS_DTYPES  # noqa: E402
 from optim.ownership import plan_ownership  # noqa: E402
 from optim.sharded import BUCKET_BYTES, GRAD_BUCKET_BYTES, MAX_INFLIGHT, tensor_bytes  # noqa: E402
 
@@ -141,7 +146,7 @@ def loss_backward_bytes(vocab: int, micro_batch: int, seq_len: int) -> int:
 def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, world_size: int = 8, zero: int = 2,
              micro_batch: int = 16, seq_len: int = 256, dtype: str = "bf16", vocab: int = 32000,
              attention: str = "flash", proj_type: str = "std", oversampling: int = 2, power_iters: int = 0,
-             grad_accum: int = 1, lowrank_update: bool = False) -> dict:
+             grad_accum: int = 1, lowrank_update: bool = False, basis_dtype: str = "float32") -> dict:
     """Per-rank memory figures in bytes (see the module docstring); pure apart from reading the size table."""
     if optim not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optim!r}; use one of {', '.join(OPTIMIZERS)}")
@@ -151,8 +156,11 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         raise ValueError(f"--zero must be 0, 1 or 2 (ownership sharding keeps full weights: no stage 3), got {zero}")
     if grad_accum < 1:
         raise ValueError(f"--grad-accum must be >= 1, got {grad_accum}")
+    if basis_dtype not in BASIS_DTYPES:
+        raise ValueError(f"--basis-dtype must be one of {', '.join(BASIS_DTYPES)}, got {basis_dtype!r}")
     b = DTYPE_BYTES[dtype]
-    cfg = OptimConfig(name=optim, rank=rank, proj_type=proj_type, oversampling=oversampling, power_iters=power_iters)
+    cfg = OptimConfig(name=optim, rank=rank, proj_type=proj_type, oversampling=oversampling, power_iters=power_iters,
+                      basis_dtype=basis_dtype)
     dims = model_dims(model, vocab, seq_len)
     shapes = param_shapes(dims)
     plan = plan_ownership(shapes, world_size, cfg)
@@ -165,6 +173,7 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         owned_numel = sum(numel_of(shapes[n]) for n in owned)
         per_rank.append({"rank": r, "params": len(owned), "owned_numel": owned_numel,
                          "optimizer_state": sum(state_bytes(n, shapes[n], cfg) for n in owned),
+                         "optimizer_state_basis": sum(basis_bytes(n, shapes[n], cfg) for n in owned),
                          "masters": 4 * owned_numel if dtype == "bf16" else 0,
                          # optim.lowrank_update with bf16 weights: fp32 copies of the projected matrices it does
                          # not own (it updates them itself; owned ones are its masters)
@@ -200,6 +209,8 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
         "grads_backward": grads_backward,
         "grads_step": grads_step,
         "optimizer_state": worst["optimizer_state"],
+        "basis_dtype": basis_dtype,
+        "optimizer_state_basis": worst["optimizer_state_basis"],
         "masters": worst["masters"],
         "lowrank_update_copies": worst["lowrank_update_copies"],
         "comm_buffer": min(BUCKET_BYTES, total_numel * 4) if world_size > 1 else 0,
@@ -238,6 +249,7 @@ def table(est: dict) -> str:
             ("gradients during backward", "grads_backward"),
             (f"gradients during step (ZeRO-{est['zero']})", "grads_step"),
             (f"optimizer state (rank {est['worst_rank']}, max)", "optimizer_state"),
+            (f"  of which projection bases ({est['basis_dtype']})", "optimizer_state_basis"),
             ("fp32 master copies (owned)", "masters"),
             ("fp32 copies of projected matrices (lowrank_update)", "lowrank_update_copies"),
             ("gradient bucket (fp32)", "comm_buffer"),
@@ -259,7 +271,8 @@ def table(est: dict) -> str:
 
 # --------------------------------------------------------------------------------------------- measurement
 
-def measured_state_bytes(model: str, optim: str, rank: int, vocab: int, seq_len: int = 64, seed: int = 0) -> int:
+def measured_state_bytes(model: str, optim: str, rank: int, vocab: int, seq_len: int = 64, seed: int = 0,
+                         basis_dtype: str = "float32") -> int:
     """Bytes of every state tensor of the real optimizer (optim.build_optimizer) after one step with random
     gradients on a real fp32 model, world size 1."""
     import torch
@@ -267,7 +280,7 @@ def measured_state_bytes(model: str, optim: str, rank: int, vocab: int, seq_len:
     from model.llama import Llama, LlamaArgs
     torch.manual_seed(seed)
     net = Llama(LlamaArgs(**model_dims(model, vocab, seq_len)))
-    cfg = OptimConfig(name=optim, rank=rank, lr=1e-3)   # any valid lr: the state's size does not depend on it
+    cfg = OptimConfig(name=optim, rank=rank, lr=1e-3, basis_dtype=basis_dtype)   # any lr: sizes do not depend on it
     opt = optim_pkg.build_optimizer(net.named_parameters(), cfg)
     for p in net.parameters():
         # State bytes do not depend on the values; a rank-8 gradient keeps the full SVD of GaLore ~10x faster
@@ -311,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="flash", choices=("flash", "math"),
                     help="math: no fused SDPA kernel, the attention matrix is materialised")
     ap.add_argument("--proj-type", default="std", choices=("std", "left", "right"))
+    ap.add_argument("--basis-dtype", default="float32", choices=BASIS_DTYPES,
+                    help="optim.basis_dtype: how the projection bases are stored (galore/rgp)")
     ap.add_argument("--lowrank-update", action="store_true",
                     help="optim.lowrank_update: every rank keeps fp32 copies of the projected matrices (bf16)")
     ap.add_argument("--check", action="store_true", help="compare the state estimate with the real optimizer")
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate(model=args.model, optim=args.optim, rank=args.rank, world_size=args.world_size,
                        zero=args.zero, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
                        vocab=args.vocab, attention=args.attention, proj_type=args.proj_type,
-                       grad_accum=args.grad_accum, lowrank_update=args.lowrank_update)
+                       grad_accum=args.grad_accum, lowrank_update=args.lowrank_update, basis_dtype=args.basis_dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,3 +75,23 @@ def test_lowrank_update_costs_fp32_copies_of_the_projected_matrices_it_does_not_
     assert 0 < lu["lowrank_update_copies"] <= 4 * projected and lu["peak"] > base["peak"]
     assert estimate(model="60m", optim="rgp", rank=128, world_size=4, zero=2, dtype="fp32",
                     lowrank_update=True)["lowrank_update_copies"] == 0      # fp32 weights are the copies
+
+
+def test_basis_dtype_shrinks_the_basis_share_and_matches_the_real_optimizer(capsys):
+    """optim.basis_dtype: the bases' share of the state at 2 / 1 (+ a 4-byte scale per column) bytes a value;
+    the estimate equals the real optimizer's state for int8 bases (tiny, rgp)."""
+    kw = dict(model="60m", optim="rgp8bit", rank=128, world_size=1, zero=0, dtype="bf16")
+    est = {d: estimate(**kw, basis_dtype=d) for d in ("float32", "bfloat16", "int8")}
+    fp32, bf16, int8 = (est[d]["optimizer_state_basis"] for d in ("float32", "bfloat16", "int8"))
+    projected = 8 * 7                                       # 8 layers x (q, k, v, o, gate, up, down)
+    assert bf16 * 2 == fp32 and int8 == fp32 // 4 + projected * 4 * 128
+    for d in ("bfloat16", "int8"):
+        assert est["float32"]["optimizer_state"] - est[d]["optimizer_state"] == fp32 - est[d]["optimizer_state_basis"]
+    got = measured_state_bytes("tiny", "rgp", rank=16, vocab=8192, basis_dtype="int8")
+    want = estimate(model="tiny", optim="rgp", rank=16, world_size=1, zero=0, micro_batch=1, seq_len=64,
+                    dtype="fp32", vocab=8192, basis_dtype="int8")["optimizer_state"]
+    assert got == want, (got, want)
+    assert main(["--model", "60m", "--optim", "rgp8bit", "--rank", "128", "--world-size", "1", "--basis-dtype",
+                 "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "of which projection bases (int8)" in out and json.loads(out.strip().splitlines()[-1])["basis_dtype"] == "int8"
