@@ -389,13 +389,13 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                      "tokens_per_s": (tokens - tokens_log) / (now - t_log),
                      "elapsed_s": elapsed_before + now - t0, "peak_mem_bytes": peak_memory_bytes(device),
-                     "optim_state_bytes": int(state_bytes)})
+                     "optim_state_bytes": int(state_bytes), **rank_summary(optimizer)})
             t_log, tokens_log = now, tokens
         if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
             optimizer.wait_for_weights()
             eval_loss = evaluate(model, val, t.micro_batch, rank, world, device)
             log.log({"step": step, "tokens": tokens, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
-                     "elapsed_s": elapsed_before + time.time() - t0})
+                     "elapsed_s": elapsed_before + time.time() - t0, **rank_summary(optimizer, full=True)})
         stop_here = step == t.stop_at_step
         if stop or stop_here or (t.save_every and step % t.save_every == 0) or step == t.max_steps:
             save(step)
@@ -413,6 +413,22 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     optimizer.wait_for_weights()
     log.close()
     return 0
+
+
+def rank_summary(optimizer, full: bool = False) -> dict:
+    """Metrics fields for the projection ranks (optim.rank_decay / rank_energy change them at refreshes):
+    {"ranks": {"mean", "min", "max"}}, plus "ranks_per_matrix" {name: rank} when `full` (eval steps). Empty when
+    the optimizer does not report them (current_ranks() absent, or no projected matrix has a basis yet). Called
+    on every rank: a wrapper may gather the owners' ranks with a collective."""
+    current_ranks = getattr(optimizer, "current_ranks", None)
+    ranks = current_ranks() if current_ranks is not None else {}
+    if not ranks:
+        return {}
+    values = list(ranks.values())
+    out = {"ranks": {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}}
+    if full:
+        out["ranks_per_matrix"] = dict(ranks)
+    return out
 
 
 # What `python train.py` reports as one line `error: ...` with exit code 2 (no traceback).

@@ -387,3 +387,29 @@ def test_defaults_change_nothing():
     _train(b, ob, 0, 3)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
     assert set(oa.current_ranks().values()) == {8}
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+def test_train_logs_the_ranks(corpus_dir, spm_path, tmp_path, monkeypatch):
+    """train.py writes "ranks" {mean, min, max} in every train record and the per-matrix dict in eval records, from
+    the optimizer's current_ranks() (here the world-size-1 wrapper's inner optimizer's)."""
+    import json
+
+    import train
+    from optim.sharded import ShardedOptimizer
+    from tests.helpers import small_run
+    if not hasattr(ShardedOptimizer, "current_ranks"):
+        monkeypatch.setattr(ShardedOptimizer, "current_ranks", lambda self: self.inner.current_ranks(), raising=False)
+    out = tmp_path / "run"
+    assert train.main(small_run(corpus_dir, spm_path, out, "--optim.name=rgp", "--optim.rank=16",
+                                "--optim.update_proj_gap=2", "--optim.rank_decay=2", "--optim.min_rank=4",
+                                "--train.max_steps=6", "--train.eval_every=6", "--train.save_every=0")) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = {r["step"]: r["ranks"] for r in recs if "loss" in r}
+    # steps 1..6 after the refreshes at optimizer steps 0, 2, 4: ranks 16, 8, 4
+    assert [train_recs[s]["max"] for s in range(1, 7)] == [16, 16, 8, 8, 4, 4]
+    assert all(r["min"] == r["max"] == r["mean"] for r in train_recs.values())
+    (ev,) = [r for r in recs if "eval_loss" in r]
+    assert len(ev["ranks_per_matrix"]) == 2 * 7 and set(ev["ranks_per_matrix"].values()) == {4}
+    assert train.rank_summary(object()) == {}
