@@ -13,6 +13,8 @@ checkpoint (run_dir.py keeps its metrics one curve). Then it writes into --out:
   summary.md, summary.json    one row per configuration, seeds pooled: final eval perplexity mean, spread
                               (sample std, min, max) and n, tokens/s median, optimizer-state bytes
 `--launcher "torchrun --standalone --nproc_per_node=2"` runs each one data-parallel.
+Tied keys vary together: `--grid optim.name+optim.matrix_lr=adamw:3e-3,rgp:1e-2` is two runs (each arm at its
+own lr), named as if the keys were separate (`optim.name=rgp,optim.matrix_lr=1e-2`).
 """
 from __future__ import annotations
 
@@ -51,10 +53,20 @@ def parse_pairs(items: list[str], what: str) -> list[tuple[str, str]]:
 
 
 def grid_runs(grid: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """Every combination of the grid's values, in the order given (last key varies fastest)."""
-    keys = [k for k, _ in grid]
-    values = [v.split(",") for _, v in grid]
-    return [list(zip(keys, combo)) for combo in itertools.product(*values)]
+    """Every combination of the grid's values, in the order given (last key varies fastest). A tied key
+    `k1+k2` with values `a1:a2,b1:b2` contributes (k1, a1), (k2, a2) or (k1, b1), (k2, b2)."""
+    axes = []
+    for key, value in grid:
+        keys = key.split("+")
+        axis = []
+        for item in value.split(","):
+            parts = item.split(":") if len(keys) > 1 else [item]
+            if len(parts) != len(keys) or not all(parts) or not all(keys):
+                raise ConfigError(f"grid {key}={value}: {item!r} needs {len(keys)} ':'-separated values, one per key "
+                                  f"of {key!r}; e.g. --grid optim.name+optim.matrix_lr=adamw:3e-3,rgp:1e-2")
+            axis.append(list(zip(keys, parts)))
+        axes.append(axis)
+    return [[pair for pairs in combo for pair in pairs] for combo in itertools.product(*axes)]
 
 
 def run_name(combo: list[tuple[str, str]]) -> str:

@@ -57,3 +57,22 @@ def test_bad_grid_is_one_line_before_any_run(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "s").exists()
     assert proc.stderr.strip().splitlines() == ["error: unknown optimizer 'galor'; set optim.name to one of adamw, "
                                                 "adamw8bit, galore, galore8bit, rgp, rgp8bit"]
+
+
+def test_tied_grid_keys_vary_together():
+    from tools.sweep import grid_runs, run_name
+    combos = grid_runs([("train.seed", "0,1"), ("optim.name+optim.matrix_lr", "adamw:3e-3,rgp:1e-2")])
+    assert [run_name(c) for c in combos] == [
+        "train.seed=0,optim.name=adamw,optim.matrix_lr=3e-3", "train.seed=0,optim.name=rgp,optim.matrix_lr=1e-2",
+        "train.seed=1,optim.name=adamw,optim.matrix_lr=3e-3", "train.seed=1,optim.name=rgp,optim.matrix_lr=1e-2"]
+    assert grid_runs([("optim.lr", "1e-3,3e-3")]) == [[("optim.lr", "1e-3")], [("optim.lr", "3e-3")]]
+
+
+def test_tied_grid_with_a_missing_value_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/sweep.py", "--config", "configs/runs/tiny_cpu.toml", "--out",
+                           str(tmp_path / "s"), "--grid", "optim.name+optim.matrix_lr=adamw:3e-3,rgp"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "s").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: grid optim.name+optim.matrix_lr=adamw:3e-3,rgp: 'rgp' needs 2 ':'-separated values, one per key of "
+        "'optim.name+optim.matrix_lr'; e.g. --grid optim.name+optim.matrix_lr=adamw:3e-3,rgp:1e-2"]
