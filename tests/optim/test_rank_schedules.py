@@ -413,3 +413,20 @@ def test_train_logs_the_ranks(corpus_dir, spm_path, tmp_path, monkeypatch):
     (ev,) = [r for r in recs if "eval_loss" in r]
     assert len(ev["ranks_per_matrix"]) == 2 * 7 and set(ev["ranks_per_matrix"].values()) == {4}
     assert train.rank_summary(object()) == {}
+
+
+@pytest.mark.parametrize("name", ["galore8bit", "rgp"])
+def test_new_paths_never_use_the_default_device(name):
+    """Decaying and adaptive refreshes, 8-bit resizes and int8 bases under torch.device("meta") as the default
+    device (docs/design.md, "Testing GPU code on a CPU"): a tensor made without an explicit device would land on
+    meta and fail against the real ones."""
+    p = nn.Parameter(torch.zeros(512, 64))
+    opt = build_optimizer([(NAME, p)], _cfg(name, rank=16, rank_decay=2.0, rank_energy=0.95, min_rank=2,
+                                            basis_dtype="int8", moments_on_refresh="project"))
+    for t in range(5):
+        p.grad = _grad(512, 64, seed=t, decay=0.9)
+        with torch.device("meta"):
+            opt.step()
+    st = opt.state[p]
+    assert all(v.device.type == "cpu" for v in st.values() if torch.is_tensor(v))
+    assert st["basis"].dtype == torch.int8 and opt.current_ranks()[NAME] <= 4
