@@ -286,7 +286,8 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
     # ZeRO-1 semantics (all-reduce every gradient) unless a DeepSpeed stage-2 config asks for reduce-to-owner
     optimizer = ShardedOptimizer(model.named_parameters(), cfg.optim, grad_mode=ds.grad_mode if ds else "allreduce",
                                  collectives_at_world_size_1=t.force_collectives)
-    optimizer.async_weights = True  # step() starts the weight broadcasts; wait_for_weights() below, before use
+    optimizer.async_weights = True  # step() only starts sending the updated weights back ...
+    optimizer.wait_in_forward(model)  # ... and each module's forward waits for its own (the rest: wait_for_weights)
     stepper = None
     if cfg.optim.layerwise:  # step each parameter in its backward hook (optim/layerwise.py)
         from optim.layerwise import LayerwiseStepper
@@ -333,8 +334,7 @@ def run(argv: list[str] | None, held: contextlib.ExitStack) -> int:
 
         # forward/backward over this rank's micro-batches; gradients accumulate in .grad
         loss_sum = torch.zeros((), device=device)
-        step_batches = batches.next_step()       # loading the data overlaps the last step's weight broadcasts
-        optimizer.wait_for_weights()
+        step_batches = batches.next_step()       # loading the data and the forward overlap the weights' arrival
         for micro, (x, y) in enumerate(step_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             # gradient buckets are sent from backward hooks; ZeRO-1 accumulates all but the last micro-batch locally

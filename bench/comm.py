@@ -13,14 +13,14 @@ One JSON line per (model, world, mode, communication dtype):
   {"bench": "comm", "model", "world", "optim", "mode": "stage1" | "stage2" | "lowrank" | "lowrank_update", "comm_dtype",
    "grad_bytes_per_rank", "weight_bytes_per_rank", "other_bytes_per_rank" (flags, norms),
    "bytes_per_rank" (their sum), "ddp_bf16_bytes", "zero2_bf16_bytes", "vs_ddp_bf16", "vs_zero2_bf16"}
-Modes: stage1 all-reduces every gradient, stage2 reduces each to its owner, lowrank (optim.lowrank_comm)
-reduces projected gradients G_i @ Q to the owner (the other parameters as stage2), amortised over T = 200
-steps whose first refreshes the bases (RGP: sketches Y and B reduced, Q and the new basis broadcast); then
-each owner broadcasts its updated weights (bf16 model). Accumulation 1, so ZeRO-2's per-micro-batch
-reduce-scatter happens once. lowrank_update (optim.lowrank_update as well): owners broadcast each projected
-matrix's low-rank update (r x n in the wire dtype, plus two fp64 scalars) instead of its weights, counted as
-weight bytes.
-Not built yet: an equal-size reduce-scatter/all-gather layout (ZeRO's exact byte count).
+Modes: stage1 and stage2 reduce-scatter every gradient bucket (slices of the element-wise parameters, rounds
+of W equal-size projected matrices; leftover matrices are reduced to their owner) and all-gather the weights
+back: ZeRO's bytes (optim/ownership.py); stage 1 once per optimizer step, stage 2 every micro-batch (the same
+at accumulation 1, which this counts). lowrank (optim.lowrank_comm) reduces projected gradients G_i @ Q to the
+owner instead (the other parameters as stage 2), amortised over T = 200 steps whose first refreshes the bases
+(RGP: sketches Y and B reduced, Q and the new basis broadcast). lowrank_update (optim.lowrank_update as well):
+owners broadcast each projected matrix's low-rank update (r x n in the wire dtype, plus two fp64 scalars)
+instead of its weights, counted as weight bytes.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def count_step(model, world: int, optim: str, rank: int, mode: str, comm_dtype: 
         cfg = OptimConfig(name=optim, rank=rank, comm_dtype=comm_dtype, lowrank_comm=mode.startswith("lowrank"),
                           lowrank_update=mode == "lowrank_update")
         opt = ShardedOptimizer(list(model.named_parameters()), cfg, grad_mode=MODES[mode],
-                               build_inner=lambda named, cfg: None)      # no optimizer math: it sends nothing
+                               build_inner=lambda named, cfg, shapes: None)      # no optimizer math: it sends nothing
 
         def one_step():
             for p in model.parameters():      # a full gradient on every rank (the step frees or moves some)

@@ -3,8 +3,8 @@
 1. Per-rank optimizer-state bytes and basis-refresh time (the inner optimizer's step at step 0, when
    every owned projected matrix computes its basis) for galore and rgp on the 60M LLaMA (vocab 32000),
    with 1 process and with 2 (launched here through `torchrun --nproc_per_node=2`).
-2. The ownership plan of the 1B model on 8 ranks (shapes only, nothing allocated): per-rank state and
-   refresh cost, max/mean imbalance of each.
+2. The layout of the 1B model on 8 ranks (optim/ownership.py; shapes only, nothing allocated): per-rank
+   state, refresh cost and owned values (what each rank sends and receives), max/mean imbalance of each.
 
     python bench/sharding.py                      # everything
     python bench/sharding.py --skip-2proc         # no torchrun part
@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 
 from config import OptimConfig  # noqa: E402
 from model.llama import build_model  # noqa: E402
-from optim.ownership import describe_plan, plan_ownership  # noqa: E402
+from optim.ownership import layout_summary, plan_layout  # noqa: E402
 from optim.sharded import ShardedOptimizer  # noqa: E402
 
 NAMES = ("galore", "rgp")
@@ -88,12 +88,11 @@ def plan_figures(size: str = "1b", world: int = 8, rank: int = 512) -> None:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for name in ("adamw", "galore", "rgp", "galore8bit"):
         cfg = cfg_for(name, rank)
-        plan = plan_ownership(shapes, world, cfg)
-        print(f"# plan {size} / {name} / rank {rank} on {world} ranks", file=sys.stderr)
-        s = describe_plan(plan, shapes, cfg, world, print_fn=lambda m: print("#   " + m, file=sys.stderr))
-        emit(bench="sharding/plan", model=size, optimizer=name, rank_r=rank, world_size=world,
-             state_bytes_per_rank=[int(b) for b in s["state_bytes"]], params_per_rank=s["params"],
-             state_imbalance=round(s["state_imbalance"], 4), cost_imbalance=round(s["cost_imbalance"], 4))
+        s = layout_summary(plan_layout(shapes, world, cfg), shapes, cfg)
+        emit(bench="sharding/layout", model=size, optimizer=name, rank_r=rank, world_size=world,
+             state_bytes_per_rank=[int(b) for b in s["state_bytes"]], numel_per_rank=s["numel"],
+             state_imbalance=round(s["state_imbalance"], 4), cost_imbalance=round(s["cost_imbalance"], 4),
+             numel_imbalance=round(s["numel_imbalance"], 4))
 
 
 def main():

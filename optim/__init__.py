@@ -78,10 +78,11 @@ def validate_optim_config(cfg) -> None:
                                  f"turn one off")
 
 
-def build_optimizer(named_params: Iterable | torch.nn.Module, cfg) -> LowRankAdamW:
+def build_optimizer(named_params: Iterable | torch.nn.Module, cfg, shapes: dict | None = None) -> LowRankAdamW:
     """An optimizer over `named_params` ((name, parameter) pairs, or a module) configured by `cfg`
     (an `OptimConfig`).  Works for any subset of a model's parameters, including one with no projected
-    params; parameters with requires_grad=False are left out."""
+    params; parameters with requires_grad=False are left out. shapes: name -> whole shape, for tensors that are
+    flat slices of a parameter (the sharded optimizer's): they are grouped as that parameter."""
     validate_optim_config(cfg)
     if isinstance(named_params, torch.nn.Module):
         named_params = named_params.named_parameters()
@@ -89,6 +90,6 @@ def build_optimizer(named_params: Iterable | torch.nn.Module, cfg) -> LowRankAda
     for item in pairs:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
             raise ValueError("build_optimizer needs (name, parameter) pairs, e.g. model.named_parameters()")
-    groups = make_groups(pairs, cfg.name, cfg)
+    groups = make_groups(pairs, cfg.name, cfg, shapes)
     return LowRankAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                         weight_decay=cfg.weight_decay)

@@ -416,6 +416,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self.prepared: dict = {}        # param -> projected gradient, set by the sharded optimizer's low-rank comm
         self.defer_updates = False      # True: leave prepared params' updates in self.updates (optim.lowrank_update)
         self.updates: dict = {}         # param -> (m / denom, step size, lr), applied by the sharded optimizer
+        self.whole_numel: dict = {}     # param -> size of the tensor it is a slice of (sharded optimizer's slices)
         self._names = {}
         self._groups_of = {}
         self._reindex()
@@ -476,7 +477,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             grad = grad.contiguous()
             if "step" not in state:
                 state["step"] = 0
-                state.update(init_moments(p, 8))
+                state.update(init_moments(p, 8, self.whole_numel.get(p)))
             state["step"] += 1
             adamw8bit_update(p, grad, state, state["step"], lr, beta1, beta2, eps, wd)
         else:
@@ -612,13 +613,15 @@ def _chunks(params: list, max_numel: int):
         yield run
 
 
-def make_groups(named_params: Iterable, name: str, cfg) -> list[dict]:
-    """The param groups of optimizer `name` for these (name, param) pairs (see LowRankAdamW)."""
+def make_groups(named_params: Iterable, name: str, cfg, shapes: dict | None = None) -> list[dict]:
+    """The param groups of optimizer `name` for these (name, param) pairs (see LowRankAdamW). shapes: name ->
+    the shape of the parameter a tensor is a flat slice of (the sharded optimizer's slices), for the grouping."""
     bits = 8 if name.endswith("8bit") else 32
     base = name.removesuffix("8bit")
-    pairs = [(n, p) for n, p in named_params if p.requires_grad]
-    low = [(n, p) for n, p in pairs if is_projected(n, p.shape)]      # the projectable matrices
-    rest = [(n, p) for n, p in pairs if not is_projected(n, p.shape)]  # embeddings, lm_head, norms
+    shapes = shapes or {}
+    pairs = [(n, p) for n, p in named_params if p.requires_grad or n in shapes]
+    low = [(n, p) for n, p in pairs if is_projected(n, shapes.get(n, p.shape))]      # the projectable matrices
+    rest = [(n, p) for n, p in pairs if not is_projected(n, shapes.get(n, p.shape))]  # embeddings, lm_head, norms
     # Every optimizer has the same two groups, so a comparison can train `rest` identically (same Adam, same
     # lr: optim.other_lr) and differ only in how the matrices are optimized (optim.matrix_lr).
     matrix_lr = getattr(cfg, "matrix_lr", 0.0) or cfg.lr

@@ -43,7 +43,7 @@ def zero2_bytes(numel: int, world: int, dtype_bytes: int = 2, micro_batches: int
 
 @dataclass
 class CommRecord:
-    op: str               # all_reduce, reduce, broadcast, all_gather
+    op: str               # all_reduce, reduce, broadcast, all_gather, reduce_scatter
     dtype: str
     payload_bytes: int
     sent_bytes: float     # by this rank, ring model
@@ -99,7 +99,17 @@ def broadcast(t: torch.Tensor, src: int, group, ledger: CommLedger | None, tag: 
     return dist.broadcast(t, src=_global(group, src), group=group, async_op=async_op)
 
 
-def all_gather_single(out: torch.Tensor, t: torch.Tensor, group, ledger: CommLedger | None, tag: str):
+def all_gather_single(out: torch.Tensor, t: torch.Tensor, group, ledger: CommLedger | None, tag: str,
+                      async_op: bool = False):
+    """Every rank's `t` concatenated, in rank order, into `out` (W x t.numel() values)."""
     if ledger is not None:
         ledger.add("all_gather", out, tag)
-    return dist.all_gather_single(out, t, group=group)
+    return dist.all_gather_single(out, t, group=group, async_op=async_op)
+
+
+def reduce_scatter_single(out: torch.Tensor, t: torch.Tensor, group, ledger: CommLedger | None, tag: str,
+                          async_op: bool = False):
+    """Sum `t` (W equal chunks) over ranks; rank j receives chunk j in `out`."""
+    if ledger is not None:
+        ledger.add("reduce_scatter", t, tag)
+    return dist.reduce_scatter_single(out, t, group=group, async_op=async_op)

@@ -8,7 +8,7 @@
     each optimizer step: the DeepSpeed protocol in the module docstring of optim/sharded.py (written once there)
 
 What DeepSpeed does and does not do here (deepspeed 0.19.8 `runtime/engine.py`, checked by tests/distributed):
-- Stage. We honour the user's stage 1 / 2 with *our* whole-matrix ownership (stage 1 -> grad_mode
+- Stage. We honour the user's stage 1 / 2 with *our* layout (optim/ownership.py; stage 1 -> grad_mode
   "allreduce", stage 2 -> "reduce") and hand DeepSpeed a config at stage 0, so it never flattens the
   parameters into 1-D partitions. Stage 3, offload, fp16, `optimizer`/`scheduler` sections and an
   inconsistent `train_batch_size` are refused up front with a one-line error.
@@ -83,7 +83,7 @@ def read_deepspeed_config(ds_config, world_size: int | None = None) -> DeepSpeed
     stage = int(zero.get("stage", 0))
     if stage not in STAGE_TO_MODE:
         raise DeepSpeedConfigError(f"zero_optimization.stage {stage} is not supported with projected optimizers "
-                                   f"(whole-matrix ownership needs whole matrices); use stage 1 or 2")
+                                   f"(projected matrices need whole weights on their owner); use stage 1 or 2")
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) and (zero[key].get("device", "none") if isinstance(zero[key], dict) else zero[key]) != "none":
             raise DeepSpeedConfigError(f"zero_optimization.{key} is not supported by the sharded optimizer; remove it")

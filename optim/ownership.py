@@ -1,14 +1,92 @@
-"""Whole-matrix ownership: which data-parallel rank owns each parameter (docs/design.md §5).
+"""Who owns what: the layout of the sharded optimizer (docs/design.md §5).
 
-Pure functions of parameter shapes, world size and optimizer config, so every rank computes the same plan on
-its own; `run_signature` / `describe_disagreement` let the ranks check that they really did (optim/sharded.py).
+Two kinds of ownership, because two kinds of update:
+  * A projected matrix (GaLore/RGP) needs its whole 2-D gradient (an SVD or a randomized range finder), so it
+    is owned whole by one rank. Matrices of equal size are taken W at a time, in the order backward produces
+    them, into *rounds*: rank j owns the j-th matrix of every round, so one reduce-scatter (all-gather) of
+    W equal chunks moves a round's gradients (weights) with ZeRO's byte count and no padding. The few
+    matrices left over (fewer than W of a size) are *singles*, placed by `plan_ownership` and reduced to /
+    broadcast from their owner.
+  * Everything else (embeddings, lm_head, norms, and every parameter of a non-projected optimizer) updates
+    element-wise, so it is *sliced* as ZeRO slices it: rank j owns the flat elements [j s, (j+1) s) with s a
+    multiple of SLICE_ALIGN, so an 8-bit state's quantization blocks never straddle two ranks.
+At world size 1 everything is whole and owned by rank 0.
+
+Pure functions of parameter names, shapes, world size and optimizer config, so every rank computes the same
+layout on its own; `run_signature` / `describe_disagreement` let the ranks check that they did (optim/sharded.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
-from optim.adam import is_projected, projects, state_bytes
+from optim.adam import BLOCKSIZE, is_projected, projects, state_bytes
+
+SLICE_ALIGN = BLOCKSIZE     # bitsandbytes' blockwise-quantization block (256 values)
+
+
+@dataclass
+class Layout:
+    """The layout of `plan_layout` (module docstring)."""
+    world: int
+    order: list[str]                       # every parameter, model order
+    numel: dict[str, int]
+    owner: dict[str, int]                  # whole parameters -> owning rank
+    slice_numel: dict[str, int]            # sliced parameters -> s (rank j owns flat [j s, (j+1) s))
+    rounds: list[list[str]]                # W equal-size whole matrices each; rounds[k][j] is owned by rank j
+    round_of: dict[str, int]               # whole matrix -> its round
+    singles: list[str]                     # whole parameters in no round
+
+    def slice_range(self, name: str, rank: int) -> tuple[int, int]:
+        """Flat [start, end) of sliced parameter `name` that `rank` owns (empty when start == end)."""
+        s, n = self.slice_numel[name], self.numel[name]
+        return min(rank * s, n), min((rank + 1) * s, n)
+
+    def owns(self, name: str, rank: int) -> bool:
+        if name in self.owner:
+            return self.owner[name] == rank
+        a, b = self.slice_range(name, rank)
+        return b > a
+
+    def share(self, name: str, rank: int) -> float:
+        """The fraction of parameter `name` that `rank` owns (1 or 0 for a whole one)."""
+        if name in self.owner:
+            return float(self.owner[name] == rank)
+        a, b = self.slice_range(name, rank)
+        return (b - a) / self.numel[name]
+
+    def plan(self) -> dict[str, int]:
+        """name -> owning rank, -1 for a sliced parameter (every rank holds a slice): the checkpoint manifest's."""
+        return {n: self.owner.get(n, -1) for n in self.order}
+
+
+def plan_layout(shapes: dict[str, tuple], world_size: int, cfg) -> Layout:
+    """The layout for parameters `shapes` (name -> shape, in model order) on `world_size` ranks (module doc)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    order = list(shapes)
+    numel = {n: math.prod(int(s) for s in shapes[n]) for n in order}
+    if world_size == 1:
+        return Layout(1, order, numel, {n: 0 for n in order}, {}, [], {}, list(order))
+    whole = [n for n in order if projects(cfg.name) and is_projected(n, shapes[n])]
+    wholes = set(whole)
+    slice_numel = {n: SLICE_ALIGN * math.ceil(numel[n] / (world_size * SLICE_ALIGN))
+                   for n in order if n not in wholes}
+    by_size: dict[int, list[str]] = {}
+    for n in reversed(whole):                       # the order backward produces gradients
+        by_size.setdefault(numel[n], []).append(n)
+    rounds, left = [], []
+    for names in by_size.values():
+        full = len(names) // world_size * world_size
+        rounds += [names[i:i + world_size] for i in range(0, full, world_size)]
+        left += names[full:]
+    owner = {n: j for r in rounds for j, n in enumerate(r)}
+    if left:
+        owner.update(plan_ownership({n: shapes[n] for n in left}, world_size, cfg, allow_idle=True))
+    round_of = {n: k for k, r in enumerate(rounds) for n in r}
+    return Layout(world_size, order, numel, owner, slice_numel, rounds, round_of,
+                  [n for n in order if n in wholes and n not in round_of])
 
 
 
@@ -24,7 +102,8 @@ def param_cost(name: str, shape, cfg) -> tuple[float, float]:
     return float(math.prod(int(s) for s in shape)), state
 
 
-def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg, state_slack: float = 1.05) -> dict[str, int]:
+def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg, state_slack: float = 1.05,
+                   allow_idle: bool = False) -> dict[str, int]:
     """Assign every parameter to one rank: LPT on refresh cost under a cap on optimizer-state bytes.
 
     Memory is the hard constraint (the rank with the most state sets the memory a run needs), so the
@@ -37,7 +116,7 @@ def plan_ownership(shapes: dict[str, tuple], world_size: int, cfg, state_slack: 
     names = list(shapes)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if world_size > len(names):
+    if world_size > len(names) and not allow_idle:
         raise ValueError(f"world size {world_size} exceeds the {len(names)} parameters to own; "
                          f"use at most {len(names)} data-parallel ranks for this model")
     costs = {n: param_cost(n, shapes[n], cfg) for n in names}
@@ -76,6 +155,22 @@ def plan_summary(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size
     imb = lambda xs: max(xs) / (sum(xs) / len(xs)) if sum(xs) else 1.0
     return {"world_size": world, "state_bytes": state, "cost": cost, "params": count,
             "state_imbalance": imb(state), "cost_imbalance": imb(cost)}
+
+
+def layout_summary(layout: Layout, shapes: dict[str, tuple], cfg) -> dict:
+    """Per-rank optimizer-state bytes, refresh cost and owned values under `layout`, with max/mean imbalances."""
+    W = layout.world
+    state, cost, numel = [0.0] * W, [0.0] * W, [0] * W
+    for n in layout.order:
+        c, b = param_cost(n, shapes[n], cfg)
+        for r in range(W):
+            f = layout.share(n, r)
+            state[r] += b * f
+            cost[r] += c * f
+            numel[r] += round(layout.numel[n] * f)
+    imb = lambda xs: max(xs) / (sum(xs) / len(xs)) if sum(xs) else 1.0      # noqa: E731
+    return {"world_size": W, "state_bytes": state, "cost": cost, "numel": numel, "state_imbalance": imb(state),
+            "cost_imbalance": imb(cost), "numel_imbalance": imb(numel)}
 
 
 def describe_plan(plan: dict[str, int], shapes: dict[str, tuple], cfg, world_size: int | None = None,

@@ -1,4 +1,4 @@
-"""Whole-matrix ownership: a ZeRO-style sharded optimizer that projected (GaLore/RGP) optimizers can live in.
+"""The sharded optimizer: ZeRO-style sharding that projected (GaLore/RGP) optimizers can live in.
 
 Why not DeepSpeed's own stage 1/2. Stock ZeRO-1/2 flattens every parameter group into one buffer and
 cuts it into W equal element ranges with no regard for parameter boundaries; the client optimizer is
@@ -10,37 +10,39 @@ gradient path: matrices straddling two ranks are computed twice, their momentum 
 buffer outside the partition layout (and outside its checkpoints), and doing 2-D math before the
 overflow check and clipping caused a string of bugs (#8432, #8439, #8441). We want none of that.
 
-The mechanism. Every parameter is owned by exactly one data-parallel rank (`optim/ownership.py`, greedy
-longest-processing-time packing over two loads at once, the basis-refresh cost and the optimizer
-state bytes, deterministic from shapes, world size and optimizer config alone). Each rank builds the
-ordinary single-process optimizer (`optim.build_optimizer`) over the parameters it owns only, so the
-owner alone keeps that matrix's moments, basis and (for bf16 weights) fp32 master copy, and the owner
-alone computes its SVD/RSVD and update. Gradients reach owners by an all-reduce (ZeRO-1 semantics) or
-a reduce to the owner after which the other ranks free them (ZeRO-2 semantics); after the step each
-owner broadcasts its updated parameters. Because each parameter's update depends only on its own
-gradient and state (and RGP's random test matrix only on its name and refresh step), N ranks compute
-exactly the update one process would with the same averaged gradient: the result differs from a
-single process only by the floating-point order of the gradient sum. Clipping uses the same global
-norm as `torch.nn.utils.clip_grad_norm_` (per-tensor norms gathered in model order, so it is even
-bit-identical). This is the design of torch's `ZeroRedundancyOptimizer` and Megatron's
-`LayerWiseDistributedOptimizer`; it stops scaling once W approaches the number of matrices.
+The mechanism (docs/design.md §5). `optim/ownership.py` lays the parameters out, deterministically from names,
+shapes, world size and optimizer config: a projected matrix is owned *whole* by one rank, and matrices of equal
+size are grouped W at a time into rounds, one per rank; every other parameter (embeddings, lm_head, norms, and
+all of a non-projected optimizer's) is *sliced* W ways as ZeRO slices it. Each rank builds the ordinary
+single-process optimizer (`optim.build_optimizer`) over what it owns: its whole matrices and its flat slices
+(views of the fp32 weights, or fp32 master slices of bf16 ones), so the owner alone keeps the moments, basis
+and master copy, and alone computes a matrix's SVD/RSVD and update. Gradients travel by reduce-scatter of
+buckets laid out rank-major, W equal chunks each (a rank's chunk: its slices of the bucket's sliced
+parameters and its matrix of each round), so the bytes are ZeRO-2's; the updated weights come back by the
+all-gather of the same layout. The few matrices in no round are reduced to and broadcast from their owner.
+Because each parameter's update depends only on its own gradient and state (and RGP's random test matrix
+only on its name and refresh step), N ranks compute exactly the update one process would with the same
+averaged gradient: the result differs from a single process only by the floating-point order of the
+gradient sum, and, for a sliced parameter, of its gradient norm (sum of its slices' squared norms) when
+clipping. This is ZeRO-2 for the element-wise parameters and the design of DistMuon / Dion (whole-matrix
+owners) for the projected ones.
 
 Under DeepSpeed the engine runs at stage 0 with its own gradient all-reduce switched off
 (`optim/deepspeed_glue.py`); this object is its client optimizer and does the communication.
 Without DeepSpeed the trainer calls it directly; at world size 1 it is a pass-through.
 
-Who does what. The files: the plan in `optim/ownership.py`; every collective in `optim/comm.py` (each one
+Who does what. The files: the layout in `optim/ownership.py`; every collective in `optim/comm.py` (each one
 counted by an optional `CommLedger`: `opt.ledger = CommLedger(world)`); this file the wrapper and its
-checkpoints. torch.distributed moves the bytes (all-reduce / reduce / broadcast on flat buckets of at most
-BUCKET_BYTES, in the parameters' device); DeepSpeed, when used, only runs forward/backward and calls step().
-DDP's reducer and DeepSpeed's ZeRO partitioner are not used: both cut buffers at element boundaries that
-ignore matrices, and whole-matrix ownership needs each owner to receive whole matrices. Gradients travel in
-`optim.comm_dtype` ("auto": the weights' dtype, so bf16 for a bf16 model, as DDP does) and are averaged in
-fp32 on arrival.
+checkpoints. torch.distributed moves the bytes (reduce-scatter / all-gather of flat buffers, reduce and
+broadcast for the leftover matrices, all asynchronous with work handles, in the parameters' device);
+DeepSpeed, when used, only runs forward/backward and calls step(). DDP's reducer and DeepSpeed's ZeRO
+partitioner are not used: both cut buffers at element boundaries that ignore matrices, and a projected
+matrix's owner needs the whole matrix. Gradients travel in `optim.comm_dtype` ("auto": the weights' dtype,
+so bf16 for a bf16 model, as DDP does) and are averaged in fp32 on arrival.
 
 Per optimizer step (build the wrapper after torch.distributed is initialised; always wrap, also at 1 rank):
     plain torchrun / one process:
-        (loss / grad_accum).backward() for each micro-batch
+        (loss / grad_accum).backward() for each micro-batch (all but the last inside opt.no_sync())
         opt.sync_gradients(); norm = opt.clip_grad_norm_(max_norm); opt.step(); opt.zero_grad()
     DeepSpeed (engine from optim.deepspeed_glue.init_deepspeed):
         engine.backward(loss) for each micro-batch      (the engine divides by gradient_accumulation_steps)
@@ -48,7 +50,7 @@ Per optimizer step (build the wrapper after torch.distributed is initialised; al
         engine.step(); opt.zero_grad()                  (engine.step() -> opt.step(), once per call)
     LR: set group["lr"] on every entry of opt.param_groups.
 Checkpoints: `save_optimizer_shards(opt, dir)` / `load_optimizer_shards(opt, dir)` on every rank;
-the state is keyed by parameter name, so a run resumes on a different number of ranks.
+the state is keyed by parameter name (and slice range), so a run resumes on a different number of ranks.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ import json
 import math
 import os
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -71,22 +74,23 @@ import warnings
 from optim import comm
 from optim import projection as proj
 from optim import validate_optim_config
-from optim.adam import apply_lowrank_update, is_projected, set_basis
+from optim.adam import BLOCKSIZE, apply_lowrank_update, is_projected, set_basis
 from optim.comm import CommLedger
-from optim.ownership import describe_disagreement, plan_ownership, run_signature
+from optim.ownership import SLICE_ALIGN, describe_disagreement, plan_layout, run_signature
 
-FORMAT_VERSION = 1
-BUCKET_BYTES = 64 * 2**20          # flatten gradients / weights into collectives of at most this size
+FORMAT_VERSION = 2                 # 2: sliced parameters' state saved per slice, with its range
+BUCKET_BYTES = 64 * 2**20          # weights and projected gradients travel in collectives of at most this size
 GRAD_BUCKET_BYTES = 16 * 2**20     # gradient buckets sent during backward (smaller: less held, earlier overlap)
 MAX_INFLIGHT = 1                   # gradient buckets in flight besides the newest (each holds a wire buffer)
+CHUNK_BYTES = 2 * 2**20            # a table bigger than a bucket is reduce-scattered in chunks of this size
 
 
 # --------------------------------------------------------------------------------------------------
 # The wrapper
 
-def _default_builder(named, cfg):
+def _default_builder(named, cfg, shapes):
     import optim as _optim
-    return _optim.build_optimizer(named, cfg)
+    return _optim.build_optimizer(named, cfg, shapes)
 
 
 def tensor_bytes(obj) -> int:
@@ -113,13 +117,49 @@ def _buckets(items: list, size_of: Callable, limit: int = BUCKET_BYTES) -> Itera
         yield bucket
 
 
+@dataclass
+class Bucket:
+    """One collective's layout. kind "scatter": a reduce-scatter (gradients) / all-gather (weights) of W chunks of
+    `width` values, rank j's chunk holding, at `offsets`, its slice of each ("slice", [name]) unit and its matrix
+    of each ("round", names) unit. kind "owner": ("single", [name]) units of one owner, reduced / broadcast."""
+    kind: str
+    owner: int
+    dtype: torch.dtype
+    units: list
+    offsets: list
+    width: int
+    names: list
+
+
+def _into_rows(block: torch.Tensor, flat: torch.Tensor) -> None:
+    """Lay `flat` (at most W x s values) out over the rows of the (W, s) view `block`, row j = rank j's slice."""
+    s = block.shape[1]
+    full, rest = divmod(flat.numel(), s)
+    if full:
+        block[:full].copy_(flat[:full * s].view(full, s))
+    if rest:
+        block[full, :rest].copy_(flat[full * s:])
+
+
+def _from_rows(flat: torch.Tensor, block: torch.Tensor) -> None:
+    """The inverse of _into_rows: `flat` (a tensor's values) from the rows of `block`."""
+    s = block.shape[1]
+    full, rest = divmod(flat.numel(), s)
+    if full:
+        flat[:full * s].view(full, s).copy_(block[:full])
+    if rest:
+        flat[full * s:].copy_(block[full, :rest])
+
+
 class ShardedOptimizer:
-    """Each parameter's optimizer state, basis and update live on its owner rank only (see module doc).
+    """Each parameter's optimizer state (basis, moments, master) lives with its owner(s) only (module doc).
 
     named_params: [(name, param)] in the same order on every rank (model order).
-    build_inner(owned_named_params, cfg) -> torch.optim.Optimizer, called with this rank's share.
-    grad_mode: "allreduce" (ZeRO-1: every rank gets the averaged gradient) or "reduce" (ZeRO-2: only
-    the owner gets it, other ranks free theirs).
+    build_inner(owned_named_tensors, cfg, shapes) -> torch.optim.Optimizer, called with this rank's share
+    (whole parameters and flat slices; `shapes` gives a slice's whole shape).
+    grad_mode: "allreduce" (ZeRO-1: gradients accumulate locally over micro-batches, are reduced once) or
+    "reduce" (ZeRO-2: every micro-batch's gradients are reduced to their owners at once and freed). The
+    names are the historical ones: both reduce to owners (an owner is the only rank that reads a gradient).
     Gradients that are None on every rank stay None (the parameter is skipped, as torch optimizers
     do); a gradient None on some ranks only counts as zeros there.
     """
@@ -157,28 +197,39 @@ class ShardedOptimizer:
         self._low: dict[str, torch.Tensor] = {}       # owner: this step's averaged projected gradient
         self._pending: dict[str, torch.Tensor] = {}   # this step's refreshed bases, installed by step()
         self._stepped: list[str] = []                 # projected matrices updated by this step
-        # Overlapped reduction ("Gradients during backward" below): fixed owner buckets, launched from hooks
-        self.overlap = self.distributed and not self.lowrank
         self.track_grad_memory = False                # measure grad_bytes_peak (tests, bench): costs a loop per hook
-        self.async_weights = False                    # step() only starts the weight broadcasts (broadcast_weights)
+        self.async_weights = False                    # step() only starts the weight all-gathers (broadcast_weights)
         self._weights_inflight: list = []
         self.grad_bytes_peak = 0
         self._no_sync = False
         shapes = {n: tuple(p.shape) for n, p in self.named}
-        self.plan = plan_ownership(shapes, self.world_size, cfg)
-        self.owned = [(n, p) for n, p in self.named if self.plan[n] == self.rank]
-        self._owned_map = dict(self.owned)
-        self._live: list[str] = []
-        # fp32 masters for low-precision weights, owner only
-        self.masters: dict[str, torch.Tensor] = {}
-        for n, p in self.owned:
-            if p.dtype in (torch.bfloat16, torch.float16):
-                self.masters[n] = p.detach().clone().float().requires_grad_(True)
-        inner_named = [(n, self.masters.get(n, p)) for n, p in self.owned]
+        self.layout = plan_layout(shapes, self.world_size, cfg)
+        self.plan = self.layout.plan()                # name -> owner; -1: sliced, every rank owns a slice
+        # What this rank owns: whole parameters, and [a, b) flat slices of the sliced ones
+        self.slices: dict[str, tuple[int, int]] = {}
+        self.masters: dict[str, torch.Tensor] = {}    # fp32 masters (whole or slice) of low-precision weights
+        self.owned: list[tuple[str, torch.Tensor]] = []   # (name, the tensor the inner optimizer updates)
+        for n, p in self.named:
+            if not self.layout.owns(n, self.rank):
+                continue
+            low_precision = p.dtype in (torch.bfloat16, torch.float16)
+            if n in self.layout.slice_numel:
+                a, b = self.slices[n] = self.layout.slice_range(n, self.rank)
+                view = p.detach().view(-1)[a:b]       # fp32 weights: the optimizer updates them in place
+                if low_precision:
+                    self.masters[n] = view.float().clone().requires_grad_(True)
+                self.owned.append((n, self.masters.get(n, view)))
+            else:
+                if low_precision:
+                    self.masters[n] = p.detach().clone().float().requires_grad_(True)
+                self.owned.append((n, self.masters.get(n, p)))
+        self._inner_of = dict(self.owned)
         build_inner = build_inner or _default_builder
-        self.inner = build_inner(inner_named, cfg) if inner_named else None
+        self.inner = build_inner(self.owned, cfg, {n: shapes[n] for n in self.slices}) if self.owned else None
+        if self.inner is not None and hasattr(self.inner, "whole_numel"):   # bnb's small-tensor rule: whole size
+            self.inner.whole_numel = {self._inner_of[n]: self.layout.numel[n] for n in self.slices}
         self._empty_groups = [{"params": [], "names": [], "lr": cfg.lr}]
-        self._inner_names = {id(t): n for n, t in inner_named}
+        self._inner_names = {id(t): n for n, t in self.owned}
         # under DeepSpeed, engine.step() calls step() only: sync + clip then happen inside it
         self.sync_in_step = False
         self.clip_in_step = 0.0
@@ -188,8 +239,6 @@ class ShardedOptimizer:
         self._clipped = False
         if self.distributed:
             self._check_ranks_agree()
-        if self.overlap:
-            self._build_buckets()
         # optim.lowrank_update: owners send the low-rank update, every rank applies it to its own fp32 copy
         self.lowrank_update = self.lowrank and self.distributed and bool(getattr(cfg, "lowrank_update", False))
         self.replicas: dict[str, torch.Tensor] = {}
@@ -200,6 +249,8 @@ class ShardedOptimizer:
                     else p.detach().float().clone()
             if self.inner is not None:
                 self.inner.defer_updates = True
+        if self.distributed:
+            self._build_buckets()
 
     def _comm_device(self) -> torch.device:
         """The device of every collective buffer: the parameters' device. NCCL only takes CUDA tensors, and on a
@@ -216,9 +267,9 @@ class ShardedOptimizer:
         return device
 
     def _check_ranks_agree(self) -> None:
-        """Every rank computes the ownership plan on its own; ranks launched with different models or optimizer
+        """Every rank computes the layout on its own; ranks launched with different models or optimizer
         settings would issue mismatched collectives (a hang or silent corruption). Compare a hash of what the
-        plan and the collectives depend on, and stop every rank with one line naming the first difference."""
+        layout and the collectives depend on, and stop every rank with one line naming the first difference."""
         sig = run_signature(self.named, self.cfg, self.world_size, self.grad_mode)
         digest = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).digest()
         mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True)], dtype=torch.int64, device=self.device)
@@ -241,13 +292,10 @@ class ShardedOptimizer:
     def state(self):
         return self.inner.state if self.inner is not None else {}
 
-    def _grad_holder(self, name: str, p: torch.Tensor) -> torch.Tensor:
-        return self.masters.get(name, p)
-
     # -- gradients ---------------------------------------------------------------------------------
     @torch.no_grad()
     def sync_gradients(self) -> None:
-        """Average gradients over ranks (all-reduce, or reduce to owners); fp32 grads land on masters.
+        """Average gradients over ranks into their owners' fp32 tensors (see "Gradients during backward").
         Once per step: a second call before step()/zero_grad() does nothing."""
         if self._synced:
             return
@@ -257,92 +305,52 @@ class ShardedOptimizer:
                 raise RuntimeError("this ShardedOptimizer was built before torch.distributed was initialised; "
                                    "build it after init_process_group so it shards across the ranks")
             self._live = [n for n, p in self.named if p.grad is not None]
-            self._grads_to_masters()
-            self._synced = True
-            return
-        if self.overlap:
-            self._finish_backward()
-            self._synced = True
-            return
-        wire = torch.empty((), dtype=self.comm_dtype).element_size()
-        present = torch.tensor([p.grad is not None for _, p in self.named], dtype=torch.int32, device=self.device)
-        comm.all_reduce(present, self.group, self.ledger, "flags", op=dist.ReduceOp.MAX)
-        live = [(n, p) for (n, p), f in zip(self.named, present.tolist()) if f]
-        self._live = [n for n, _ in live]
-        if self.lowrank:
-            low_rank = set(self.projected)
-            self._sync_projected([(n, p) for n, p in live if n in low_rank], wire)
-            live = [(n, p) for n, p in live if n not in low_rank]
-        if self.grad_mode == "allreduce":
-            for bucket in _buckets(live, lambda np_: np_[1].numel() * wire):
-                self._reduce_bucket(bucket, dst=None)
-        else:
-            for owner in range(self.world_size):
-                mine = [(n, p) for n, p in live if self.plan[n] == owner]
-                for bucket in _buckets(mine, lambda np_: np_[1].numel() * wire):
-                    self._reduce_bucket(bucket, dst=owner)
-            for n, p in self.named:
-                if self.plan[n] != self.rank:
+            for n, master in self.masters.items():
+                p = self._params[n]
+                if p.grad is not None:
+                    master.grad = p.grad.detach().float()
                     p.grad = None
-        self._grads_to_masters()
+            self._synced = True
+            return
+        self._finish_backward()
+        if self.lowrank:
+            wire = torch.empty((), dtype=self.comm_dtype).element_size()
+            live = set(self._live)
+            self._sync_projected([(n, self._params[n]) for n in self.projected if n in live], wire)
+        for n in self.projected:           # the full gradient of a projected matrix never travels: free it
+            self._params[n].grad = None
         self._synced = True
-
-    def _reduce_bucket(self, bucket, dst):
-        cdt = self.comm_dtype
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(cdt) for _, p in bucket]
-        flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
-        if dst is None:
-            comm.all_reduce(flat, self.group, self.ledger, "grads")
-        else:
-            comm.reduce(flat, dst, self.group, self.ledger, "grads")
-            if dst != self.rank:
-                return
-        flat = flat.float().div_(self.world_size)     # averaged in fp32 whatever the wire dtype
-        off = 0
-        for n, p in bucket:
-            k = p.numel()
-            g = flat[off:off + k].view_as(p)
-            off += k
-            if n in self.masters:
-                self.masters[n].grad = g.clone()
-                p.grad = None
-            else:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(g)
-
-    def _grads_to_masters(self):
-        for n, master in self.masters.items():
-            p = self._owned_map[n]
-            if p.grad is not None:
-                master.grad = p.grad.detach().float()
-                p.grad = None
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of the averaged gradient (as torch.nn.utils.clip_grad_norm_ computes it);
-        owned gradients are scaled by min(1, max_norm / (norm + 1e-6)). max_norm <= 0: norm only."""
+        """Global L2 norm of the averaged gradient (as torch.nn.utils.clip_grad_norm_ computes it: the norm of
+        the per-tensor norms; a sliced tensor's norm is the root of its slices' summed squares); owned gradients
+        are scaled by min(1, max_norm / (norm + 1e-6)). max_norm <= 0: norm only."""
         if not self._synced:
             self.sync_gradients()
         idx = {n: i for i, n in enumerate(self._live)}
-        norms = torch.zeros(len(idx), dtype=torch.float32, device=self.device)
-        owned_grads = []
-        holders = [(n, self._grad_holder(n, p)) for n, p in self.owned]
-        with_grad = [(n, h) for n, h in holders if h.grad is not None]
+        k = len(idx)
+        vals = torch.zeros(2 * k, dtype=torch.float32, device=self.device)   # [whole norms | slices' squares]
+        with_grad = [(n, t) for n, t in self.owned if t.grad is not None and n in idx]
         if with_grad:
-            per = torch._foreach_norm([h.grad for _, h in with_grad], 2)
-            for (n, h), v in zip(with_grad, per):
-                norms[idx[n]] = v.float()
-                owned_grads.append(h)
+            per = torch._foreach_norm([t.grad for _, t in with_grad], 2)
+            for (n, _), v in zip(with_grad, per):
+                if n in self.slices:
+                    vals[k + idx[n]] = v.float() ** 2
+                else:
+                    vals[idx[n]] = v.float()
         lows = [n for n, _ in self.owned if n in self._low]      # low-rank comm: what the optimizer sees
         if lows:
             for n, v in zip(lows, torch._foreach_norm([self._low[n] for n in lows], 2)):
-                norms[idx[n]] = v.float()
+                vals[idx[n]] = v.float()
         if self.distributed:
-            comm.all_reduce(norms, self.group, self.ledger, "norms")   # one non-zero entry per parameter: exact
+            comm.all_reduce(vals, self.group, self.ledger, "norms")   # whole: one non-zero entry each, exact
+        sliced = torch.tensor([n in self.layout.slice_numel for n in self._live], dtype=torch.bool,
+                              device=self.device)
+        norms = torch.where(sliced, vals[k:].sqrt(), vals[:k])
         total = torch.linalg.vector_norm(norms, 2)
-        if max_norm > 0 and owned_grads:
-            torch.nn.utils.clip_grads_with_norm_([h for h in owned_grads], max_norm, total)
+        if max_norm > 0 and with_grad:
+            torch.nn.utils.clip_grads_with_norm_([t for _, t in with_grad], max_norm, total)
         if max_norm > 0 and lows:                    # the same coefficient clip_grads_with_norm_ applies
             torch._foreach_mul_([self._low[n] for n in lows], torch.clamp(max_norm / (total + 1e-6), max=1.0))
         self.last_grad_norm = total
@@ -366,56 +374,115 @@ class ShardedOptimizer:
         if self.lowrank_update:
             self._exchange_updates(stepped)
         for n, master in self.masters.items():
-            self._owned_map[n].copy_(master)
+            self._weight_of(n).copy_(master)
             master.grad = None
+        for n in self.slices:
+            self._inner_of[n].grad = None
         self.broadcast_weights()
         self._synced = self._clipped = False
 
+    def current_ranks(self) -> dict[str, int]:
+        """{name: rank} of every projected matrix that has a basis (optim.rank_decay / rank_energy change them),
+        from its owner, on every rank (a collective: call it on every rank)."""
+        inner = getattr(self.inner, "current_ranks", None)
+        mine = inner() if inner is not None else {}
+        if not self.distributed:
+            return mine
+        names = sorted(self.layout.owner)
+        ranks = torch.tensor([mine.get(n, 0) for n in names], dtype=torch.int64, device=self.device)
+        comm.all_reduce(ranks, self.group, self.ledger, "ranks")     # one owner per entry: the others send 0
+        return {n: int(r) for n, r in zip(names, ranks.tolist()) if r > 0}
+
+    def _weight_of(self, n: str) -> torch.Tensor:
+        """The part of parameter n's weights this rank owns: the parameter, or a flat view of its slice."""
+        p = self._params[n]
+        if n in self.slices:
+            a, b = self.slices[n]
+            return p.detach().view(-1)[a:b]
+        return p
+
     @torch.no_grad()
     def broadcast_weights(self) -> None:
-        """Every owner sends its (updated) parameters to the other ranks, in the parameters' dtype, coalesced
-        into buckets of at most BUCKET_BYTES per owner. Called by step(); nothing to do on one process.
-        With `async_weights` (train.py sets it) the broadcasts are only started: the caller overlaps them with
-        loading the next batch and must call wait_for_weights() before anything reads the weights (the
-        forward, an evaluation, a checkpoint); this wrapper's own entry points wait by themselves."""
+        """Owners send their updated weights to every rank in the parameters' dtype: an all-gather per bucket of
+        slices and rounds (model order, at most BUCKET_BYTES), a broadcast per bucket of an owner's leftover
+        matrices. Called by step(); nothing to do on one process. With `async_weights` (train.py sets it) they
+        are only started: the caller overlaps them with loading the next batch and must call
+        wait_for_weights() before anything reads the weights (the forward, an evaluation, a checkpoint); this
+        wrapper's own entry points wait by themselves."""
         self.wait_for_weights()
         if not self.distributed:
             return
-        local = set(self.replicas)                 # lowrank_update: every rank updated these itself
-        for owner in range(self.world_size):
-            params = [p for n, p in self.named if self.plan[n] == owner and n not in local]
-            for bucket in _buckets(params, lambda p: p.numel() * p.element_size()):
-                self._broadcast_bucket(bucket, owner)
-
-    def _broadcast_bucket(self, params, owner):
-        by_dtype: dict[torch.dtype, list] = {}
-        for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for ps in by_dtype.values():
-            flat = torch.cat([p.detach().reshape(-1) for p in ps]) if owner == self.rank else \
-                torch.empty(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
-            work = comm.broadcast(flat, owner, self.group, self.ledger, "weights", async_op=self.async_weights)
-            if owner != self.rank:
-                self._weights_inflight.append((work, flat, ps))
+        for i, b in enumerate(self._weight_buckets):
+            if b.kind == "scatter":
+                seg = torch.zeros(b.width, dtype=b.dtype, device=self.device)
+                for (kind, names), o in zip(b.units, b.offsets):
+                    if kind == "slice":
+                        x = self._weight_of(names[0]).reshape(-1)
+                        seg[o:o + x.numel()].copy_(x)
+                    else:
+                        x = self._params[names[self.rank]].detach().reshape(-1)
+                        seg[o:o + x.numel()].copy_(x)
+                out = torch.empty(self.world_size * b.width, dtype=b.dtype, device=self.device)
+                work = comm.all_gather_single(out, seg, self.group, self.ledger, "weights", async_op=True)
+            else:
+                ps = [self._params[n] for n in b.names]
+                out = torch.cat([p.detach().reshape(-1) for p in ps]) if b.owner == self.rank else \
+                    torch.empty(sum(p.numel() for p in ps), dtype=b.dtype, device=self.device)
+                work = comm.broadcast(out, b.owner, self.group, self.ledger, "weights", async_op=True)
+            self._weights_inflight.append((i, work, out, b))
         if not self.async_weights:
             self.wait_for_weights()
 
     @torch.no_grad()
-    def wait_for_weights(self) -> None:
-        """Finish the weight broadcasts started by step() (async_weights): received values land in the params."""
-        for work, flat, ps in self._weights_inflight:
+    def wait_for_weights(self, upto: int | None = None) -> None:
+        """Finish the weight collectives started by step() (async_weights): received values land in the params.
+        upto: only the buckets up to this index (model order; the forward hooks of wait_in_forward)."""
+        while self._weights_inflight and (upto is None or self._weights_inflight[0][0] <= upto):
+            _, work, out, b = self._weights_inflight.pop(0)
             if work is not None:
                 work.wait()
-            off = 0
-            for p in ps:
-                p.copy_(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
-        self._weights_inflight = []
+            if b.kind == "owner":
+                if b.owner != self.rank:
+                    off = 0
+                    for n in b.names:
+                        p = self._params[n]
+                        p.copy_(out[off:off + p.numel()].view_as(p))
+                        off += p.numel()
+                continue
+            rows = out.view(self.world_size, b.width)
+            for (kind, names), o in zip(b.units, b.offsets):
+                if kind == "slice":
+                    p = self._params[names[0]]
+                    _from_rows(p.detach().view(-1), rows[:, o:o + self.layout.slice_numel[names[0]]])
+                else:
+                    for j, n in enumerate(names):
+                        if j != self.rank:
+                            p = self._params[n]
+                            p.copy_(rows[j, o:o + p.numel()].view_as(p))
+
+    def wait_in_forward(self, model: torch.nn.Module) -> None:
+        """Overlap the weight all-gathers (async_weights) with the next forward, as FSDP does: a forward pre-hook
+        on every module that holds parameters waits only for the buckets holding them (buckets are in model
+        order, so the first layers compute while the last ones' weights arrive). Everything else that reads
+        weights must still call wait_for_weights() first (this wrapper's entry points do)."""
+        if not self.distributed:
+            return
+        bucket_of = {n: i for i, b in enumerate(self._weight_buckets) for n in b.names}
+        names = {id(p): n for n, p in self.named}
+        me = weakref.ref(self)
+        for module in model.modules():
+            last = max((bucket_of.get(names.get(id(p)), -1) for p in module.parameters(recurse=False)), default=-1)
+            if last >= 0:
+                def hook(_module, _args, upto=last):
+                    opt = me()
+                    if opt is not None and opt._weights_inflight:
+                        opt.wait_for_weights(upto)
+                self._hook_handles.append(module.register_forward_pre_hook(hook))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self.overlap and not self._synced and (self._next_bucket or self._inflight):
+        if self.distributed and not self._synced and (self._next_bucket or self._inflight):
             self._finish_backward()        # buckets already sent must be matched on every rank, then dropped
-        if self.overlap:
+        if self.distributed:
             self._acc.clear()
             self._seen.clear()
         for _, p in self.named:
@@ -423,8 +490,9 @@ class ShardedOptimizer:
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
-        for m in self.masters.values():
-            m.grad = None
+        for n, t in self.owned:
+            if t is not self._params[n]:
+                t.grad = None
         self._low.clear()
         self._pending.clear()
         self._stepped = []
@@ -436,43 +504,80 @@ class ShardedOptimizer:
         """Re-copy fp32 masters from the (possibly just loaded) low-precision weights."""
         with torch.no_grad():
             for n, m in self.masters.items():
-                m.copy_(self._owned_map[n].float())
+                m.copy_(self._weight_of(n).reshape(m.shape).float())
 
     # -- Gradients during backward ------------------------------------------------------------------
-    # Parameters are packed, in reverse model order (the order backward produces their gradients), into buckets
-    # of at most BUCKET_BYTES that each belong to one owner. A post-accumulate-grad hook counts a parameter in;
-    # when a bucket is complete its reduction (to the owner; all-reduce in "allreduce" mode) starts at once,
+    # The layout's units (ownership.py: a sliced parameter, a round of W equal-size matrices, a leftover matrix)
+    # are packed, in reverse model order (the order backward produces their gradients; a round when its last
+    # matrix arrives), into buckets of at most GRAD_BUCKET_BYTES: "scatter" buckets of slices and rounds, one
+    # reduce-scatter each, and "owner" buckets of one owner's leftover matrices, one reduce each. A
+    # post-accumulate-grad hook counts a parameter in; when a bucket is complete its reduction starts at once,
     # asynchronously, so communication overlaps the rest of backward. Buckets start strictly in their fixed
     # order, so every rank issues the same collectives in the same order (NCCL requires it). As with DDP
     # without find_unused_parameters, every rank must produce the same parameters' gradients in a micro-batch
     # (a LLaMA uses all of its parameters); a parameter without a gradient anywhere is sent as zeros once at
-    # sync_gradients and then treated as absent (its grad stays None, the optimizer skips it). The
-    # local gradient is copied into the bucket's wire buffer and freed at once, and the owner adds the reduced
-    # bucket into an fp32 accumulator: with "reduce" (ZeRO-2) every micro-batch is reduced this way, so no
-    # rank ever holds the full gradient. Inside `no_sync()` (the trainer wraps every micro-batch but the
-    # last) "allreduce" (ZeRO-1) accumulates locally and reduces once, like DDP. sync_gradients() waits.
+    # sync_gradients and then treated as absent (its grad stays None, the optimizer skips it). The local
+    # gradient is copied into the bucket's wire buffer and freed at once, and each rank adds the chunk it
+    # receives into fp32 accumulators of what it owns: with "reduce" (ZeRO-2) every micro-batch is reduced this
+    # way, so no rank ever holds the full gradient (a round's matrices wait, at most, for W equal-size matrices
+    # of backward). Inside `no_sync()` (the trainer wraps every micro-batch but the last) "allreduce" (ZeRO-1)
+    # accumulates locally and reduces once, like DDP. sync_gradients() waits. With optim.lowrank_comm the
+    # projected matrices are not in these buckets (see "Low-rank communication").
+
+    def _units(self, skip: set) -> list[tuple[str, list[str]]]:
+        layout, units = self.layout, []
+        left = [len(r) for r in layout.rounds]
+        for n in reversed(layout.order):
+            if n in skip:
+                continue
+            if n in layout.slice_numel:
+                units.append(("slice", [n]))
+            elif n in layout.round_of:
+                k = layout.round_of[n]
+                left[k] -= 1
+                if left[k] == 0:
+                    units.append(("round", layout.rounds[k]))
+            else:
+                units.append(("single", [n]))
+        return units
+
+    def _pack(self, units: list, limit: int, elem_bytes: Callable) -> list[Bucket]:
+        """Consecutive units into buckets (module docstring), by kind, owner and dtype, of at most `limit` bytes."""
+        W, layout = self.world_size, self.layout
+        buckets: list[Bucket] = []
+        used = 0
+        for kind, names in units:
+            dtype = self._params[names[0]].dtype
+            if kind == "single":
+                key, width = ("owner", layout.owner[names[0]], dtype), layout.numel[names[0]]
+                size = width * elem_bytes(dtype)
+            else:
+                width = layout.slice_numel[names[0]] if kind == "slice" else layout.numel[names[0]]
+                key, size = ("scatter", -1, dtype), W * width * elem_bytes(dtype)
+            last = buckets[-1] if buckets else None
+            if last is None or (last.kind, last.owner, last.dtype) != key or used + size > limit:
+                last = Bucket(key[0], key[1], dtype, [], [], 0, [])
+                buckets.append(last)
+                used = 0
+            last.units.append((kind, names))
+            last.offsets.append(last.width)
+            last.width += width
+            last.names += names
+            used += size
+        return buckets
 
     def _build_buckets(self) -> None:
-        wire = torch.empty((), dtype=self.comm_dtype).element_size()
-        open_: dict[int, list] = {}
-        used: dict[int, int] = {}
-        self._bucket_names: list[list[str]] = []
-        for n, p in reversed(self.named):
-            owner = self.plan[n]
-            b = open_.setdefault(owner, [])
-            if b and used[owner] + p.numel() * wire > GRAD_BUCKET_BYTES:
-                self._bucket_names.append(b)
-                b = open_[owner] = []
-                used[owner] = 0
-            b.append(n)
-            used[owner] = used.get(owner, 0) + p.numel() * wire
-        self._bucket_names += [b for _, b in sorted(open_.items()) if b]
-        self._bucket_of = {n: i for i, b in enumerate(self._bucket_names) for n in b}
-        self._arrived = [0] * len(self._bucket_names)
+        wire = self._wire_bytes = torch.empty((), dtype=self.comm_dtype).element_size()
+        self._grad_buckets = self._pack(self._units(set(self.projected)), GRAD_BUCKET_BYTES, lambda dt: wire)
+        weights = self._pack(self._units(set(self.replicas)), BUCKET_BYTES,
+                             lambda dt: torch.empty((), dtype=dt).element_size())
+        self._weight_buckets = weights[::-1]       # model order: the next forward needs the first layers first
+        self._bucket_of = {n: i for i, b in enumerate(self._grad_buckets) for n in b.names}
+        self._arrived = [0] * len(self._grad_buckets)
         self._counted: set[str] = set()            # counted into its bucket during this micro-batch
         self._next_bucket = 0
-        self._inflight: list = []                  # (bucket index, work, wire buffer)
-        self._acc: dict[str, torch.Tensor] = {}    # fp32 sums of reduced gradients (owner; all in "allreduce")
+        self._inflight: list = []                  # (bucket index, work, received chunk, wire buffer)
+        self._acc: dict[str, torch.Tensor] = {}    # fp32 sums of this rank's received gradients (flat)
         self._seen: set[str] = set()               # had a gradient on this rank during this step
         # The hooks hold the wrapper weakly: a discarded wrapper (and its fp32 masters) is freed, its hooks
         # become no-ops; remove_hooks() takes them off explicitly.
@@ -500,97 +605,176 @@ class ShardedOptimizer:
             self._no_sync = False
 
     def _on_grad(self, name: str, p: torch.Tensor) -> None:
-        if not self.overlap:
+        if not self.distributed:
             return
         self._seen.add(name)
-        if not (self._no_sync and self.grad_mode == "allreduce") and name not in self._counted:
+        if name in self._bucket_of and not (self._no_sync and self.grad_mode == "allreduce") \
+                and name not in self._counted:
             self._counted.add(name)
             i = self._bucket_of[name]
             self._arrived[i] += 1
-            while self._next_bucket < len(self._bucket_names) and \
-                    self._arrived[self._next_bucket] == len(self._bucket_names[self._next_bucket]):
+            while self._next_bucket < len(self._grad_buckets) and \
+                    self._arrived[self._next_bucket] == len(self._grad_buckets[self._next_bucket].names):
                 self._launch(self._next_bucket)
         if self.track_grad_memory:
             self._note_grad_memory()
 
     def _launch(self, i: int) -> None:
-        names = self._bucket_names[i]
-        params = [self._params[n] for n in names]
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(self.comm_dtype)
-                 for p in params]
-        # One parameter: its gradient's own storage is the wire buffer (no copy); it is released from .grad below
-        flat = torch.cat(grads) if len(grads) > 1 else grads[0]
-        for p in params:
-            p.grad = None                          # its values are in the bucket now
-        owner = self.plan[names[0]]
-        if self.grad_mode == "allreduce":
-            work = comm.all_reduce(flat, self.group, self.ledger, "grads", async_op=True)
+        b = self._grad_buckets[i]
+        if self._unpadded_single_slice(b) and self.world_size * b.width * self._wire_bytes > GRAD_BUCKET_BYTES:
+            self._scatter_in_chunks(b)
         else:
-            work = comm.reduce(flat, owner, self.group, self.ledger, "grads", async_op=True)
-        self._inflight.append((i, work, flat))
+            flat, buf = self._wire_buffers(b)
+            for n in b.names:
+                if self._params[n].grad is not None:
+                    self._seen.add(n)
+                self._params[n].grad = None        # its values are in the wire buffer now
+            if buf is None:
+                work = comm.reduce(flat, b.owner, self.group, self.ledger, "grads", async_op=True)
+            else:
+                work = comm.reduce_scatter_single(flat, buf.view(-1), self.group, self.ledger, "grads",
+                                                  async_op=True)
+            self._inflight.append((i, work, flat, buf))
         while len(self._inflight) > MAX_INFLIGHT:  # bound the wire buffers alive at once
             self._wait_oldest()
         self._next_bucket += 1
-        if self._next_bucket == len(self._bucket_names):     # every bucket of this micro-batch is out
+        if self._next_bucket == len(self._grad_buckets):     # every bucket of this micro-batch is out
             self._next_bucket = 0
-            self._arrived = [0] * len(self._bucket_names)
+            self._arrived = [0] * len(self._grad_buckets)
             self._counted.clear()
             if self.track_grad_memory:
                 self._note_grad_memory()
             self._wait_all()                       # before the next micro-batch reuses the buckets
 
+    def _wire_buffers(self, b: Bucket) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(what this rank sends and receives in, the reduce-scatter input or None for an owner's reduce)."""
+        def grad(n):
+            g = self._params[n].grad
+            return (g if g is not None else torch.zeros_like(self._params[n])).reshape(-1).to(self.comm_dtype)
+        if b.kind == "owner":
+            # One parameter: its gradient's own storage is the wire buffer (no copy)
+            return (torch.cat([grad(n) for n in b.names]) if len(b.names) > 1 else grad(b.names[0])), None
+        flat = torch.empty(b.width, dtype=self.comm_dtype, device=self.device)
+        if self._unpadded_single_slice(b):       # a parameter the W slices cover exactly: its storage, no copy
+            return flat, grad(b.names[0]).view(self.world_size, b.width)
+        buf = torch.zeros(self.world_size, b.width, dtype=self.comm_dtype, device=self.device)
+        for (kind, names), o in zip(b.units, b.offsets):
+            if kind == "slice":
+                g = self._params[names[0]].grad
+                if g is not None:
+                    _into_rows(buf[:, o:o + self.layout.slice_numel[names[0]]], g.reshape(-1))
+            else:
+                for j, n in enumerate(names):
+                    g = self._params[n].grad
+                    if g is not None:
+                        buf[j, o:o + g.numel()].copy_(g.reshape(-1))
+        return flat, buf
+
+    def _scatter_in_chunks(self, b: Bucket) -> None:
+        """A table bigger than a bucket (embed_tokens, lm_head): reduce-scatter it in column chunks of at most
+        CHUNK_BYTES, each added into the accumulator before the next starts, so that besides the table's own
+        gradient (which autograd produced whole) only one small chunk is in transit; the tables come first
+        and last in backward, where there is little left to overlap with."""
+        n = b.names[0]
+        p = self._params[n]
+        self._wait_all()                           # (in order: earlier buckets first)
+        W, s = self.world_size, b.width
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = g.reshape(-1).to(self.comm_dtype).view(W, s)
+        if p.grad is not None:
+            self._seen.add(n)
+        acc = self._acc.get(n)
+        fresh = acc is None
+        if fresh:
+            acc = self._acc[n] = torch.empty(s, dtype=torch.float32, device=self.device)
+        step = max(SLICE_ALIGN, CHUNK_BYTES // (W * self._wire_bytes))
+        for c0 in range(0, s, step):
+            wire = g[:, c0:c0 + step].contiguous()
+            out = torch.empty(wire.shape[1], dtype=self.comm_dtype, device=self.device)
+            comm.reduce_scatter_single(out, wire.view(-1), self.group, self.ledger, "grads")
+            if self.track_grad_memory:
+                self._note_grad_memory(extra=(wire.numel() + out.numel()) * self._wire_bytes)
+            avg = out.float().div_(W)              # averaged in fp32 whatever the wire dtype
+            if fresh:
+                acc[c0:c0 + step].copy_(avg)
+            else:
+                acc[c0:c0 + step].add_(avg)
+        p.grad = None
+
+    def _unpadded_single_slice(self, b: Bucket) -> bool:
+        return len(b.units) == 1 and b.units[0][0] == "slice" and \
+            self.world_size * b.width == self.layout.numel[b.names[0]]
+
     def _wait_all(self) -> None:
         while self._inflight:
             self._wait_oldest()
 
+    def _accumulate(self, n: str, g: torch.Tensor) -> None:
+        if n in self._acc:
+            self._acc[n].add_(g)
+        else:
+            self._acc[n] = g                       # a view: the received buffer becomes the accumulator, no copy
+
     def _wait_oldest(self) -> None:
-        i, work, flat = self._inflight.pop(0)
+        i, work, flat, _ = self._inflight.pop(0)
         work.wait()
-        names = self._bucket_names[i]
-        if self.plan[names[0]] != self.rank:
-            return          # not ours: dropped (also after an all-reduce: only the owner uses a gradient)
+        b = self._grad_buckets[i]
+        if b.kind == "owner" and b.owner != self.rank:
+            return                                 # not ours: dropped
         flat = flat.float().div_(self.world_size)  # averaged in fp32 whatever the wire dtype
-        off = 0
-        for n in names:
-            k = self._params[n].numel()
-            g = flat[off:off + k]
-            off += k
-            if n in self._acc:
-                self._acc[n].add_(g)
+        if b.kind == "owner":
+            off = 0
+            for n in b.names:
+                k = self.layout.numel[n]
+                self._accumulate(n, flat[off:off + k])
+                off += k
+            return
+        for (kind, names), o in zip(b.units, b.offsets):
+            if kind == "slice":
+                a, e = self.layout.slice_range(names[0], self.rank)
+                if e > a:
+                    self._accumulate(names[0], flat[o:o + e - a])
             else:
-                self._acc[n] = g                   # a view: the buffer becomes the accumulator, no copy
+                n = names[self.rank]
+                self._accumulate(n, flat[o:o + self.layout.numel[n]])
 
     def _finish_backward(self) -> None:
         """Start every bucket not started yet (in order), wait, and hand the averaged gradients over."""
         # A round in progress, or gradients not yet counted into a complete bucket: finish the round. Whether
         # that is so is the same on every rank when every rank uses the same parameters (module docstring).
         if self._next_bucket or self._counted or self._pending_local():
-            for j in range(self._next_bucket, len(self._bucket_names)):
+            for j in range(self._next_bucket, len(self._grad_buckets)):
                 self._launch(j)
         self._wait_all()
-        present = torch.tensor([n in self._seen for n, _ in self.named], dtype=torch.int32, device=self.device)
+        present = torch.tensor([n in self._seen or self._params[n].grad is not None for n, _ in self.named],
+                               dtype=torch.int32, device=self.device)
         comm.all_reduce(present, self.group, self.ledger, "flags", op=dist.ReduceOp.MAX)
         self._live = [n for (n, _), f in zip(self.named, present.tolist()) if f]
         live = set(self._live)
-        for n, p in self.named:
+        for n, t in self.owned:
+            if n not in self._bucket_of:
+                continue                           # a projected matrix under lowrank_comm: _sync_projected's
             acc = self._acc.pop(n, None)
+            p = self._params[n]
             if acc is None or n not in live:
-                p.grad = None
+                t.grad = None
+            elif n in self.slices:
+                t.grad = acc
             elif n in self.masters:
-                self.masters[n].grad = acc.view_as(p)
-                p.grad = None
+                t.grad = acc.view_as(p)
             else:
                 p.grad = acc.view_as(p).to(p.dtype)      # (no copy for fp32 weights)
         self._acc.clear()
         self._seen.clear()
 
     def _pending_local(self) -> bool:
-        return any(p.grad is not None for p in self._params.values())
+        return any(self._params[n].grad is not None for n in self._bucket_of)
 
-    def _note_grad_memory(self) -> None:
-        held = sum(p.grad.numel() * p.grad.element_size() for p in self._params.values() if p.grad is not None)
+    def _note_grad_memory(self, extra: int = 0) -> None:
+        held = extra + sum(p.grad.numel() * p.grad.element_size() for p in self._params.values() if p.grad is not None)
         held += sum(t.numel() * t.element_size() for t in self._acc.values())
-        held += sum(f.numel() * f.element_size() for _, _, f in self._inflight)
+        held += sum(f.numel() * f.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+                    for _, _, f, b in self._inflight)
         self.grad_bytes_peak = max(self.grad_bytes_peak, held)
 
     # -- Low-rank communication ---------------------------------------------------------------------
@@ -692,11 +876,11 @@ class ShardedOptimizer:
         asked), owners hand their projected gradients to the optimizer, every rank counts the update."""
         for n, basis in self._pending.items():
             if self.plan[n] == self.rank:
-                holder = self._grad_holder(n, self._owned_map[n])
+                holder = self._inner_of[n]
                 set_basis(self.inner.state[holder], basis, self.sides[n], self.cfg.moments_on_refresh)
             self.bases[n] = basis
         for n, low in self._low.items():
-            self.inner.prepared[self._grad_holder(n, self._owned_map[n])] = low
+            self.inner.prepared[self._inner_of[n]] = low
         for n in self._stepped:
             self.proj_steps[n] += 1
         self._low.clear()
@@ -716,7 +900,7 @@ class ShardedOptimizer:
             shapes = {n: self._low_shape(n) for n in mine}
             for bucket in _buckets(mine, lambda n: math.prod(shapes[n]) * wire):
                 if owner == self.rank:
-                    got = [self.inner.updates.pop(self._grad_holder(n, self._owned_map[n]), None)
+                    got = [self.inner.updates.pop(self._inner_of[n], None)
                            if self.inner is not None else None for n in bucket]
                     got = [g if g is not None else (torch.zeros(shapes[n], device=self.device), 0.0, 0.0)
                            for n, g in zip(bucket, got)]      # (no update computed: e.g. bench/comm.py)
@@ -748,7 +932,7 @@ class ShardedOptimizer:
         steps = torch.zeros(len(self.projected), dtype=torch.int64, device=self.device)
         for i, n in enumerate(self.projected):
             if self.plan[n] == self.rank:
-                st = self.inner.state.get(self._grad_holder(n, self._owned_map[n]), {})
+                st = self.inner.state.get(self._inner_of[n], {})
                 if st.get("basis") is not None:
                     steps[i] = int(st.get("step", 0)) + 1
         comm.all_reduce(steps, self.group, self.ledger, "resume")
@@ -757,9 +941,8 @@ class ShardedOptimizer:
             count = int(steps[i])
             self.proj_steps[n] = max(count - 1, 0)
             if count:
-                p = self._owned_map.get(n)
                 mine = self.plan[n] == self.rank
-                basis = self.inner.state[self._grad_holder(n, p)]["basis"] if mine else None
+                basis = self.inner.state[self._inner_of[n]]["basis"] if mine else None
                 got = self._from(basis, self._basis_shape(n), self.plan[n], "resume")
                 self.bases[n] = basis if mine else got
         for n in self.projected:                   # lowrank_update, bf16: non-owners' fp32 copies = the masters
@@ -778,10 +961,12 @@ class ShardedOptimizer:
         return [self._inner_names[id(p)] for g in self.inner.param_groups for p in g["params"]]
 
     def state_dict(self) -> dict:
-        """This rank's owned state keyed by parameter name, plus the plan and world size."""
+        """This rank's owned state keyed by parameter name, plus the plan and world size; "slices" gives the flat
+        [start, end) and whole size of each sliced parameter's piece (its state and master are that range)."""
         self.wait_for_weights()
         out = {"format": FORMAT_VERSION, "world_size": self.world_size, "rank": self.rank,
                "optimizer": self.cfg.name, "plan": dict(self.plan), "state": {}, "masters": {},
+               "slices": {n: [a, b, self.layout.numel[n]] for n, (a, b) in self.slices.items()},
                "param_groups": []}
         if self.inner is None:
             return out
@@ -797,23 +982,43 @@ class ShardedOptimizer:
         return out
 
     def load_state_dict(self, sd: dict) -> None:
-        """Load states by name for the parameters this rank owns (the dict may hold more names, e.g. a
-        merge of several ranks' files, or come from a different world size)."""
+        """Load states by name for what this rank owns. `sd` is one rank's state_dict() (from any world size),
+        or the merge `load_optimizer_shards` builds: {"plan", "pieces": {name: [(start, end, state)]},
+        "master_pieces": {name: [(start, end, tensor)]}}; a sliced parameter's state is cut from (or joined
+        out of) the pieces that cover this rank's slice."""
         self.wait_for_weights()
         unknown = set(sd.get("plan", {})) ^ {n for n, _ in self.named}
         if sd.get("plan") and unknown:
             raise ValueError(f"optimizer checkpoint does not match the model: parameter names differ, "
                              f"e.g. {sorted(unknown)[0]!r}")
+        pieces, master_pieces = sd.get("pieces"), sd.get("master_pieces")
+        if pieces is None:
+            ranges = {n: tuple(r[:2]) for n, r in sd.get("slices", {}).items()}
+            whole = lambda n: (0, self.layout.numel[n])                          # noqa: E731
+            pieces = {n: [(*ranges.get(n, whole(n)), st)] for n, st in sd.get("state", {}).items()}
+            master_pieces = {n: [(*ranges.get(n, whole(n)), m)] for n, m in sd.get("masters", {}).items()}
         self.refresh_masters()
-        for n, m in sd.get("masters", {}).items():
-            if n in self.masters:
-                self.masters[n].data.copy_(m)
+        for n, m in self.masters.items():
+            if master_pieces.get(n):
+                m.data.copy_(_cut(master_pieces[n], *self._range(n), m.shape))
+        # (a parameter saved in one piece that is exactly what this rank owns is loaded as it is: projected
+        # matrices always are, and their state - basis, low-rank moments - is not per element)
         if self.inner is None:
             return
         names = self._index_names()
         cur = self.inner.state_dict()
-        state = {i: sd["state"][n] for i, n in enumerate(names) if n in sd["state"]}
+        state = {}
+        for i, n in enumerate(names):
+            if len(pieces.get(n, [])) == 1 and tuple(pieces[n][0][:2]) == self._range(n):
+                state[i] = pieces[n][0][2]
+            elif pieces.get(n):
+                t = self._inner_of[n]
+                state[i] = {k: (_cut([(a, b, st[k]) for a, b, st in pieces[n]], *self._range(n), t.shape)
+                                if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in pieces[n][0][2].items()}
         self.inner.load_state_dict({"state": state, "param_groups": cur["param_groups"]})
+
+    def _range(self, n: str) -> tuple[int, int]:
+        return self.slices.get(n, (0, self.layout.numel[n]))
 
     def state_bytes(self) -> int:
         """Bytes of this rank's optimizer state tensors plus its fp32 master copies."""
@@ -822,7 +1027,27 @@ class ShardedOptimizer:
 
     def __repr__(self):
         return (f"ShardedOptimizer(rank {self.rank}/{self.world_size}, {self.grad_mode}, "
-                f"owns {len(self.owned)}/{len(self.named)} params, inner={type(self.inner).__name__})")
+                f"owns {len(self.owned)}/{len(self.named)} params ({len(self.slices)} as slices), "
+                f"inner={type(self.inner).__name__})")
+
+
+def _cut(pieces: list, start: int, end: int, shape) -> torch.Tensor:
+    """Values [start, end) of a flat tensor given as (a, b, tensor) pieces that cover it, shaped `shape`.
+
+    A piece's tensor holds either one value per element (moments, 8-bit codes, masters) or one per BLOCKSIZE
+    block (8-bit absmax); slices start on block boundaries (ownership.SLICE_ALIGN), so blocks never straddle
+    pieces. Exact: values are only copied."""
+    pieces = sorted(pieces, key=lambda x: x[0])
+    a0 = pieces[0][0] if pieces else start
+    if not pieces or a0 > start or pieces[-1][1] < end or any(p[1] != q[0] for p, q in zip(pieces, pieces[1:])):
+        raise ValueError(f"optimizer checkpoint pieces {[(a, b) for a, b, _ in pieces]} do not cover "
+                         f"[{start}, {end}); the checkpoint is incomplete")
+    per_element = all(t.numel() == b - a for a, b, t in pieces)
+    flat = torch.cat([t.reshape(-1) for _, _, t in pieces])
+    if per_element:
+        return flat[start - a0:end - a0].clone().view(shape)
+    lo = (start - a0) // BLOCKSIZE
+    return flat[lo:lo + math.ceil((end - start) / BLOCKSIZE)].clone()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -848,7 +1073,8 @@ def save_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
         os.replace(tmp, path)
         if opt.rank == 0:
             manifest = {"format": FORMAT_VERSION, "world_size": opt.world_size, "optimizer": opt.cfg.name,
-                        "files": [checkpoint_files.optim_file(r) for r in range(opt.world_size)], "plan": opt.plan}
+                        "files": [checkpoint_files.optim_file(r) for r in range(opt.world_size)], "plan": opt.plan,
+                        "slice_numel": opt.layout.slice_numel}
             path = ckpt_dir / checkpoint_files.OPTIM_MANIFEST
             tmp = path.with_name(path.name + ".tmp")
             checkpoint_files.write_text(tmp, json.dumps(manifest, indent=1))
@@ -860,7 +1086,7 @@ def save_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
 
 
 def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
-    """Load the states of the parameters this rank owns now, from whichever rank files hold them.
+    """Load the states of what this rank owns now, from whichever rank files hold them (any world size).
 
     Every rank checks every file named by the manifest first, so a missing file fails all ranks alike
     (no collective is involved, nothing hangs). Also refreshes fp32 masters from the weights.
@@ -883,16 +1109,29 @@ def load_optimizer_shards(opt: ShardedOptimizer, ckpt_dir) -> None:
     if manifest.get("optimizer", opt.cfg.name) != opt.cfg.name:
         raise ValueError(f"optimizer checkpoint {ckpt_dir} was written by {manifest['optimizer']!r}, "
                          f"this run uses {opt.cfg.name!r}")
-    need = {n for n, _ in opt.owned}
-    files = sorted({manifest["files"][plan[n]] for n in need})
-    merged = {"plan": plan, "state": {}, "masters": {}}
-    for f in files:
+    saved_slices = manifest.get("slice_numel", {})
+    wanted: dict[int, set] = {}                  # file index -> the names this rank needs from it
+    for n, _ in opt.owned:
+        if plan[n] >= 0:
+            wanted.setdefault(plan[n], set()).add(n)
+        else:                                    # the saved slices that overlap this rank's range
+            start, end = opt._range(n)
+            s = saved_slices[n]
+            for j in range(start // s, (end - 1) // s + 1):
+                wanted.setdefault(j, set()).add(n)
+    merged = {"plan": plan, "pieces": {}, "master_pieces": {}}
+    for j in sorted(wanted):
+        f = manifest["files"][j]
         try:
             sd = torch.load(ckpt_dir / f, map_location="cpu", weights_only=True)
         except Exception as e:   # torch raises several classes for a truncated or foreign file
             raise ShardFileError(f"optimizer shard {ckpt_dir / f} is corrupt or truncated ({type(e).__name__})") from None
-        for key in ("state", "masters"):
-            merged[key].update({n: v for n, v in sd[key].items() if n in need})
+        ranges = sd.get("slices", {})
+        for key, into in (("state", "pieces"), ("masters", "master_pieces")):
+            for n, v in sd.get(key, {}).items():
+                if n in wanted[j]:
+                    a, b = ranges[n][:2] if n in ranges else (0, opt.layout.numel[n])
+                    merged[into].setdefault(n, []).append((a, b, v))
     opt.load_state_dict(merged)
     if opt.lowrank and opt.distributed:      # non-owners' bases are not saved: rebuild them from the owners
         opt._share_projected_state()

@@ -9,8 +9,9 @@ Checks, one printed line each (`ok` or `FAIL` + a one-line reason naming the fil
                   model.llama.Llama(LlamaArgs(**meta["model_args"])) built on the meta device
   data streams    data_stream{s:03d}.pt exists and loads for every s in range(config["data"]["num_streams"])
   optimizer       optim_manifest.json parses; every rank file it lists exists and loads; the manifest's plan
-                  names exactly the model's parameters; every parameter is listed (param_groups) in exactly one
-                  rank file, the one of the rank the plan names (optim/sharded.py), and state only for those
+                  names exactly the model's parameters; every whole parameter is listed (param_groups) in
+                  exactly one rank file, the one of the rank the plan names (optim/ownership.py), a sliced one
+                  (plan -1) in rank files whose slice ranges cover it exactly once; state only for listed ones
   rng states      rng_rank{r:05d}.pt exists and loads for every rank r < meta["world_size"]
                   (missing ones still resume, but not bit-identically)
 Exit status 0 when every checked checkpoint passes, 1 otherwise. For a run directory the newest good
@@ -123,6 +124,7 @@ def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
     # A rank file lists the parameters its rank owns in param_groups (names, in optimizer order) and their
     # state under "state"; a parameter that never had a finite gradient owns no state yet but is still listed.
     seen: dict[str, str] = {}
+    pieces: dict[str, list] = {}
     stateless = 0
     for rank, fname in enumerate(files):
         sd, err = _load(ckpt / fname)
@@ -137,13 +139,26 @@ def check_optimizer(ckpt: Path, param_names: set[str]) -> Result:
             return False, "optimizer", f"{fname} holds state for {odd!r} but does not list it in param_groups"
         stateless += len(set(listed) - state)
         for n in listed:
-            if n in seen:
-                return False, "optimizer", f"{n!r} is in both {seen[n]} and {fname}"
             if n not in param_names:
                 return False, "optimizer", f"{fname} holds {n!r}, which the model does not have"
+            if plan[n] == -1:                    # sliced across the ranks: each file holds a range of it
+                r = sd.get("slices", {}).get(n)
+                if r is None:
+                    return False, "optimizer", f"{fname} lists the sliced {n!r} without its slice range"
+                pieces.setdefault(n, []).append((int(r[0]), int(r[1]), int(r[2]), fname))
+                continue
+            if n in seen:
+                return False, "optimizer", f"{n!r} is in both {seen[n]} and {fname}"
             if plan[n] != rank:
                 return False, "optimizer", f"{fname} holds {n!r}, which the manifest assigns to rank {plan[n]}"
             seen[n] = fname
+    for n, ps in sorted(pieces.items()):      # a sliced parameter: its ranges cover it exactly once
+        ps.sort()
+        ends = [0] + [e for _, e, _, _ in ps]
+        if [a for a, _, _, _ in ps] != ends[:-1] or ends[-1] != ps[0][2]:
+            return False, "optimizer", (f"the slices of {n!r} in the rank files do not cover its {ps[0][2]} values "
+                                        f"once: {[(a, e) for a, e, _, _ in ps]}")
+        seen[n] = ps[0][3]
     missing = sorted(param_names - set(seen))
     if missing:
         return False, "optimizer", (f"no rank file holds {missing[0]!r} "

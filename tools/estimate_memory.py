@@ -1,4 +1,4 @@
-"""Per-GPU memory of a training run under our whole-matrix ownership sharding (docs/design.md §5), before renting GPUs.
+"""Per-GPU memory of a training run under our sharded optimizer's layout (docs/design.md §5), before renting GPUs.
 
     python tools/estimate_memory.py --model llama_1b --optim rgp8bit --rank 512 --world-size 8 --zero 2 --micro-batch 16
     python tools/estimate_memory.py --model 60m --optim adamw --world-size 1 --zero 0 --micro-batch 32 --dtype fp32
@@ -19,8 +19,9 @@ Accounting, per rank, for the rank with the most (optimizer state + fp32 masters
   summing in fp32.
 - grads_step: gradients alive during the optimizer step: the owned fp32 sums (one process: in place, fp32
   masters' for bf16).
-- optimizer_state: the owned share under the REAL plan (`optim.sharded.plan_ownership` on the model's
-  shapes), per parameter `optim.adam.state_bytes`, the state layout of optim/adam.py (which the plan uses too):
+- optimizer_state: the owned share under the REAL layout (`optim.ownership.plan_layout` on the model's shapes:
+  projected matrices whole, everything else sliced W ways), per parameter `optim.adam.state_bytes` (times the
+  owned fraction of a sliced one), the state layout of optim/adam.py:
     adamw:        2 x 4 x numel (exp_avg, exp_avg_sq in fp32)
     adamw8bit:    numel >= 4096: 2 x numel uint8 codes + 2 x 4 x ceil(numel/256) absmax; else as adamw
     galore/rgp:   projected 2-D weights (m, n): basis min(m,n) x r (--basis-dtype: 4 bytes a value for float32,
@@ -91,7 +92,7 @@ if str(REPO) not in sys.path:
 from config import OptimConfig  # noqa: E402
 from optim.adam import FOREACH_CHUNK_NUMEL, basis_bytes, is_projected, projects, state_bytes  # noqa: E402
 from optim.projection import BASIS_DTYPES  # noqa: E402
-from optim.ownership import plan_ownership  # noqa: E402
+from optim.ownership import plan_layout  # noqa: E402
 from optim.sharded import BUCKET_BYTES, GRAD_BUCKET_BYTES, MAX_INFLIGHT, tensor_bytes  # noqa: E402
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -163,29 +164,30 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
                       basis_dtype=basis_dtype)
     dims = model_dims(model, vocab, seq_len)
     shapes = param_shapes(dims)
-    plan = plan_ownership(shapes, world_size, cfg)
+    layout = plan_layout(shapes, world_size, cfg)
     def foreach(n):   # stepped by the multi-tensor fp32 Adam path (optim/adam.py, LowRankAdamW._step_adam_foreach)
         return not optim.endswith("8bit") and not (projects(optim) and is_projected(n, shapes[n]))
 
     per_rank = []
     for r in range(world_size):
-        owned = [n for n in shapes if plan[n] == r]
-        owned_numel = sum(numel_of(shapes[n]) for n in owned)
+        frac = {n: layout.share(n, r) for n in shapes if layout.share(n, r) > 0}
+        owned = list(frac)
+        part = {n: round(numel_of(shapes[n]) * frac[n]) for n in owned}
+        owned_numel = sum(part.values())
         per_rank.append({"rank": r, "params": len(owned), "owned_numel": owned_numel,
-                         "optimizer_state": sum(state_bytes(n, shapes[n], cfg) for n in owned),
-                         "optimizer_state_basis": sum(basis_bytes(n, shapes[n], cfg) for n in owned),
+                         "optimizer_state": round(sum(state_bytes(n, shapes[n], cfg) * frac[n] for n in owned)),
+                         "optimizer_state_basis": round(sum(basis_bytes(n, shapes[n], cfg) * frac[n] for n in owned)),
                          "masters": 4 * owned_numel if dtype == "bf16" else 0,
                          # optim.lowrank_update with bf16 weights: fp32 copies of the projected matrices it does
                          # not own (it updates them itself; owned ones are its masters)
-                         "lowrank_update_copies": 4 * sum(numel_of(shapes[n]) for n in shapes if plan[n] != r
+                         "lowrank_update_copies": 4 * sum(numel_of(shapes[n]) for n in shapes if n not in frac
                                                           and projects(optim) and is_projected(n, shapes[n]))
                          if lowrank_update and dtype == "bf16" else 0,
-                         "largest_owned": max((numel_of(shapes[n]) for n in owned), default=0),
+                         "largest_owned": max(part.values(), default=0),
                          # fp32 Adam parameters stepped together by the multi-tensor path (module docstring)
-                         "foreach_numel": sum(numel_of(shapes[n]) for n in owned if foreach(n)),
-                         "largest_foreach": max((numel_of(shapes[n]) for n in owned if foreach(n)), default=0),
-                         "largest_per_param": max((numel_of(shapes[n]) for n in owned if not foreach(n)),
-                                                  default=0)})
+                         "foreach_numel": sum(part[n] for n in owned if foreach(n)),
+                         "largest_foreach": max((part[n] for n in owned if foreach(n)), default=0),
+                         "largest_per_param": max((part[n] for n in owned if not foreach(n)), default=0)})
     worst = max(per_rank, key=lambda x: (x["optimizer_state"] + x["masters"], -x["rank"]))
     total_numel = sum(numel_of(s) for s in shapes.values())
     owned_grad_b = 4 if dtype == "bf16" else b         # owned grads live on the fp32 masters under bf16

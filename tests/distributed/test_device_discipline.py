@@ -23,7 +23,7 @@ import _dist_common as C  # noqa: E402
 
 from optim.sharded import ShardedOptimizer  # noqa: E402
 
-COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather_single", "all_gather_object")
+COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather_single", "reduce_scatter_single", "all_gather_object")
 
 
 @pytest.fixture
@@ -43,8 +43,13 @@ def fake_group(monkeypatch):
                 if torch.is_tensor(a):
                     seen.append((_name, a.device))
             work = _real(*args, **kwargs)
+            # the fake group sends nothing: no uninitialised memory into weights (as if every rank sent ours)
             if _name == "broadcast" and kwargs.get("src", args[1] if len(args) > 1 else None) != dist.get_rank():
-                args[0].zero_()                # the fake group sends nothing: no uninitialised memory into weights
+                args[0].zero_()
+            elif _name == "all_gather_single":
+                args[0].copy_(args[1].repeat(dist.get_world_size()))
+            elif _name == "reduce_scatter_single":
+                args[0].copy_(args[1].view(dist.get_world_size(), -1)[dist.get_rank()])
             return work
         monkeypatch.setattr(dist, name, recorder)
     yield start
@@ -73,7 +78,7 @@ def test_collectives_and_step_never_use_the_default_device(fake_group, rank, nam
             opt.zero_grad()
         assert norm.device == opt.device and torch.isfinite(norm)
     assert seen and all(dev == opt.device for _, dev in seen), sorted({(c, str(d)) for c, d in seen})
-    assert {c for c, _ in seen} >= {"all_reduce", "broadcast", "all_gather_single"}
+    assert {c for c, _ in seen} >= {"all_reduce", "reduce_scatter_single", "all_gather_single"}
     moved = [n for n, p in opt.owned if not torch.equal(p, before[n])]
     assert len(moved) == len(opt.owned), "every owned parameter is updated"
     assert all(torch.isfinite(p).all() for p in model.parameters())

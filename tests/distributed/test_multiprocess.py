@@ -4,7 +4,9 @@ Exactness: rank r's gradient is the mean over its half of the batch; the average
 (g0 + g1) / 2 is bit-identical to one process accumulating the two halves as two micro-batches
 (loss / 2 each: halving is exact), so against that "split" reference every torchrun run (both grad
 modes, every optimizer, checkpoint resumes across world sizes) must match bit for bit when the thread
-count matches (1 here). Against the plain full-batch reference only the summation order differs,
+count matches (1 here) and clipping is off. With clipping, a sliced parameter's norm is the root of its
+slices' summed squares, not torch's one reduction over the tensor: last-bit differences in the clip
+coefficient, a tight tolerance. Against the plain full-batch reference only the summation order differs,
 which Adam's normalised update amplifies where gradients nearly cancel (embedding rows): a loose
 tolerance there. The DeepSpeed runs (2 ranks x 2 accumulation micro-steps) are compared that way.
 
@@ -23,13 +25,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist_common as C  # noqa: E402
 
+from optim.ownership import plan_layout  # noqa: E402
 from optim.sharded import ShardedOptimizer, load_optimizer_shards, save_optimizer_shards  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 NAMES = C.ALL_NAMES
 CKPT_NAMES = ["galore", "rgp8bit"]
-ATOL = {"adamw": 1e-4, "galore": 1e-4, "rgp": 1e-4}      # fp32 moments, summation order only (see above)
+ATOL = {"adamw": 2e-4, "galore": 2e-4, "rgp": 2e-4}      # fp32 moments, summation order only (see above)
+ATOL_CLIP = 1e-5      # fp32 moments: the clip coefficient's last bits (module docstring)
 # 8-bit moments: a last-bit gradient difference can move a moment to the next quantization code, which changes
 # that element's Adam step by up to about lr (0.01 here, C.make_cfg); 0.0051 was seen against the full batch.
 ATOL_8BIT = 1e-2
@@ -41,11 +45,11 @@ def run(cmd, timeout):
     assert proc.returncode == 0, f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
-def single(name, start=0, stop=C.STEPS, model=None, opt=None, accum=2):
+def single(name, start=0, stop=C.STEPS, model=None, opt=None, accum=2, clip=0.0):
     """One process; accum=2 accumulates the two ranks' halves (the exact reference), accum=1 the whole batch."""
     model = model or C.tiny_model()
     opt = opt or ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name))
-    C.train(model, opt, start, stop, accum=accum)
+    C.train(model, opt, start, stop, accum=accum, clip=clip)
     return model, opt
 
 
@@ -70,7 +74,7 @@ FULL_BATCH_NORMS = {}   # the pre-clip gradient norm of the last step, per optim
 def full_batch_reference(one_thread):
     out = {}
     for name in NAMES:
-        model, opt = single(name, accum=1)
+        model, opt = single(name, accum=1, clip=C.CLIP)
         out[name] = C.weights(model)
         FULL_BATCH_NORMS[name] = float(opt.last_grad_norm)
     return out
@@ -100,8 +104,8 @@ def deepspeed_results(tmp_path_factory, one_thread):
     return torch.load(out / "results_deepspeed.pt", weights_only=True)
 
 
-def assert_close(got, want, name, exact=False):
-    atol = ATOL.get(name, ATOL_8BIT)
+def assert_close(got, want, name, exact=False, atol=None):
+    atol = atol or ATOL.get(name, ATOL_8BIT)
     for n in want:
         if exact:
             assert torch.equal(got[n], want[n]), f"{name}: {n} differs"
@@ -115,20 +119,43 @@ def assert_close(got, want, name, exact=False):
 def test_torchrun_matches_single_process(torchrun_results, reference, name, mode):
     _, res = torchrun_results
     assert res[f"{name}/{mode}/agree"], "ranks hold different weights"
-    assert sorted(res[f"{name}/{mode}/owned"]) == sorted([11, 10]) or sum(res[f"{name}/{mode}/owned"]) == 21
+    layout = plan_layout({n: tuple(p.shape) for n, p in C.tiny_model().named_parameters()}, 2, C.make_cfg(name))
+    assert list(res[f"{name}/{mode}/owned"]) == [sum(layout.owns(n, r) for n in layout.order) for r in (0, 1)]
     assert_close(res[f"{name}/{mode}"], reference[name], name, exact=True)
+
+
+@pytest.fixture(scope="module")
+def clipped_reference(one_thread):
+    out = {}
+    for name in NAMES:
+        model, opt = single(name, clip=C.CLIP)
+        out[name] = (C.weights(model), float(opt.last_grad_norm))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torchrun_clipping_matches_single_process(torchrun_results, clipped_reference, name):
+    """Clipping on (it engages: the tiny model's norms exceed C.CLIP): the same global norm up to the order of
+    a sliced tensor's squares, and the same weights up to the clip coefficient's last bits (GaLore's exact SVD
+    turns last-bit differences into larger ones: its basis rotates within near-equal singular values)."""
+    _, res = torchrun_results
+    want, norm = clipped_reference[name]
+    assert norm > C.CLIP
+    assert abs(res[f"{name}/clipped/norm"] - norm) <= (1e-4 if name.startswith("galore") else 1e-6) * norm
+    atol = ATOL_8BIT if name.endswith("8bit") else ATOL[name] if name.startswith("galore") else ATOL_CLIP
+    assert_close(res[f"{name}/clipped"], want, name, atol=atol)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_torchrun_close_to_full_batch(torchrun_results, full_batch_reference, name):
     _, res = torchrun_results
-    assert_close(res[f"{name}/reduce"], full_batch_reference[name], name)
+    assert_close(res[f"{name}/clipped"], full_batch_reference[name], name)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_identical_microbatches_are_bit_exact(torchrun_results, full_batch_reference, name):
+def test_identical_microbatches_are_bit_exact(torchrun_results, no_clip_reference, name):
     _, res = torchrun_results      # both ranks saw the whole batch: (g + g) / 2 == g
-    assert_close(res[f"{name}/identical"], full_batch_reference[name], name, exact=True)
+    assert_close(res[f"{name}/identical"], no_clip_reference[name], name, exact=True)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if not n.endswith("8bit")])
@@ -177,7 +204,7 @@ def test_missing_rank_file_is_detected(torchrun_results, tmp_path):
 def no_clip_reference(one_thread):
     """One process, the plain optimizer on the full batch, clipping off."""
     out = {}
-    for name in C.PROJECTED_NAMES:
+    for name in NAMES:
         model = C.tiny_model()
         C.train(model, ShardedOptimizer(list(model.named_parameters()), C.make_cfg(name)), 0, C.STEPS, clip=0.0)
         out[name] = C.weights(model)
@@ -226,14 +253,16 @@ def test_ledger_of_a_real_step_equals_the_fake_group_count(torchrun_results, mod
     """The bytes bench/comm.py counts on the fake process group are what 2 gloo ranks really send."""
     from test_comm import fake_step_ledger
     _, res = torchrun_results
-    _, fake = fake_step_ledger(2, mode)
+    _, fake, _ = fake_step_ledger(2, mode)
     assert res[f"ledger/{mode}"] == fake.totals()
 
 
 def test_bf16_masters_on_owners_only(torchrun_results):
     _, res = torchrun_results
     infos = res["bf16/info"]              # per rank: #masters, #owned, masters fp32, params bf16, same names
-    assert sum(i[0] for i in infos) == sum(i[1] for i in infos) == 21
+    layout = plan_layout({n: tuple(p.shape) for n, p in C.tiny_model().named_parameters()}, 2, C.make_cfg("galore"))
+    assert [i[0] for i in infos] == [i[1] for i in infos] == [sum(layout.owns(n, r) for n in layout.order)
+                                                              for r in (0, 1)]
     assert all(i[2] == i[3] == i[4] == 1 for i in infos)
     assert res["bf16/agree"] and res["bf16/finite"]
 

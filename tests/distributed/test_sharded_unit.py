@@ -1,5 +1,6 @@
-"""Single-process tests of the ownership plan and of the world-size-1 pass-through."""
+"""Single-process tests of the layout (optim/ownership.py) and of the world-size-1 pass-through."""
 import importlib
+import math
 import random
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ from config import OptimConfig  # noqa: E402
 from model.llama import build_model  # noqa: E402
 from optim import build_optimizer  # noqa: E402
 from optim.deepspeed_glue import DeepSpeedConfigError, read_deepspeed_config  # noqa: E402
-from optim.ownership import param_cost, plan_ownership, plan_summary  # noqa: E402
+from optim.adam import is_projected, projects  # noqa: E402
+from optim.ownership import SLICE_ALIGN, param_cost, plan_layout, plan_ownership, plan_summary  # noqa: E402
 from optim.sharded import (ShardedOptimizer, load_optimizer_shards,  # noqa: E402
                            save_optimizer_shards, tensor_bytes)
 
@@ -47,6 +49,80 @@ def test_plan_balances_state(name, size, world):
     largest = max(param_cost(n, sh, cfg)[1] for n, sh in shapes.items())
     floor = largest / (sum(s["state_bytes"]) / world)
     assert s["state_imbalance"] <= max(1.10, floor * 1.001), s
+
+
+@pytest.mark.parametrize("name", ["adamw", "rgp", "galore8bit"])
+@pytest.mark.parametrize("size,world", [("60m", 2), ("60m", 8), ("60m", 64), ("1b", 8), ("1b", 3)])
+def test_layout_rounds_and_slices(name, size, world):
+    """Every parameter is exactly one of: in a round, a leftover single, or sliced; a round holds W matrices of
+    one size in backward order, rank j owning the j-th; slices are 256-aligned and cover each sliced tensor
+    exactly once; non-projected optimizers slice everything (ZeRO-2)."""
+    shapes = shapes_of(size)
+    cfg = C.make_cfg(name)
+    cfg.rank = 128 if size == "60m" else 512
+    layout = plan_layout(shapes, world, cfg)
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    in_rounds = [n for r in layout.rounds for n in r]
+    assert sorted(in_rounds + layout.singles + list(layout.slice_numel)) == sorted(shapes)
+    projected = {n for n in shapes if projects(name) and is_projected(n, shapes[n])}
+    assert set(in_rounds) | set(layout.singles) == projected == set(layout.owner)
+    order = list(shapes)
+    for r in layout.rounds:
+        assert len(r) == world and len({numel[n] for n in r}) == 1
+        assert [order.index(n) for n in r] == sorted((order.index(n) for n in r), reverse=True)
+        assert [layout.owner[n] for n in r] == list(range(world))
+    sizes = {}
+    for n in layout.singles:                     # fewer than W leftovers of any size
+        sizes[numel[n]] = sizes.get(numel[n], 0) + 1
+    assert all(k < world for k in sizes.values())
+    for n, s in layout.slice_numel.items():
+        assert s % SLICE_ALIGN == 0 and s * world >= numel[n] > s * (world - 1) - SLICE_ALIGN * world
+        ranges = [layout.slice_range(n, j) for j in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == numel[n]
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    if not projects(name):
+        assert not layout.owner
+    assert plan_layout(shapes, world, cfg) == layout                  # deterministic
+    one = plan_layout(shapes, 1, cfg)
+    assert one.owner == {n: 0 for n in shapes} and not one.slice_numel   # one process: everything whole
+
+
+def test_layout_balances_bytes_and_state_at_8_ranks():
+    """1B, rgp rank 512, 8 ranks: every round gives each rank one matrix, slices are equal, so every rank sends
+    and stores the same (up to the slices' padding)."""
+    shapes = shapes_of("1b")
+    cfg = C.make_cfg("rgp")
+    cfg.rank = 512
+    layout = plan_layout(shapes, 8, cfg)
+    assert not layout.singles
+    load = [0] * 8
+    for n in shapes:
+        for j in range(8):
+            if layout.owns(n, j):
+                a, b = layout.slice_range(n, j) if n in layout.slice_numel else (0, math.prod(shapes[n]))
+                load[j] += b - a
+    assert max(load) / (sum(load) / 8) < 1.001
+
+
+@pytest.mark.parametrize("saved_world,world", [(3, 2), (2, 5), (1, 4), (4, 1)])
+def test_sliced_state_is_recut_exactly_for_another_world_size(saved_world, world):
+    """A sliced parameter's state saved as W1 pieces (per-element values and per-256-block absmax) is cut for
+    W2 ranks value for value, as slicing the whole tensor would cut it."""
+    from optim.sharded import _cut
+    n = 5000
+    whole = torch.randn(n)
+    absmax = torch.randn(math.ceil(n / 256))
+
+    def ranges(w):
+        s = SLICE_ALIGN * math.ceil(n / (w * SLICE_ALIGN))
+        return [(min(j * s, n), min((j + 1) * s, n)) for j in range(w) if j * s < n]
+    values = [(a, b, whole[a:b].clone()) for a, b in ranges(saved_world)]
+    blocks = [(a, b, absmax[a // 256:math.ceil(b / 256)].clone()) for a, b in ranges(saved_world)]
+    for a, b in ranges(world):
+        assert torch.equal(_cut(values, a, b, (b - a,)), whole[a:b])
+        assert torch.equal(_cut(blocks, a, b, (b - a,)), absmax[a // 256:math.ceil(b / 256)])
+    with pytest.raises(ValueError, match="do not cover"):
+        _cut(values[1:], 0, n, (n,))
 
 
 def test_a_broken_optim_fails_the_tests_instead_of_a_stand_in(monkeypatch):

@@ -33,12 +33,12 @@ def main(out: Path):
     for case in CASES:
         model = C.tiny_model()
         opt = ShardedOptimizer(list(model.named_parameters()), cfg_of(case), grad_mode="reduce")
-        C.train(model, opt, 0, 3, rank, world)
+        C.train(model, opt, 0, 3, rank, world, clip=0.0)      # bit-exact: clipping off (test_multiprocess.py)
         d = out / "ckpt2" / case
         save_optimizer_shards(opt, d)
         if rank == 0:
             torch.save(model.state_dict(), d / "model.pt")
-        C.train(model, opt, 3, C.STEPS, rank, world)
+        C.train(model, opt, 3, C.STEPS, rank, world, clip=0.0)
         res[case] = C.weights(model)
         res[f"{case}/agree"] = C.ranks_agree(model)
         owned = opt.inner.current_ranks() if opt.inner is not None else {}   # each owner's own matrices
@@ -46,6 +46,7 @@ def main(out: Path):
         dist.all_gather_object(gathered, owned)
         res[f"{case}/ranks"] = {n: r for part in gathered for n, r in part.items()}
         res[f"{case}/owners"] = [sorted(part) for part in gathered]
+        res[f"{case}/wrapper_ranks"] = opt.current_ranks()        # the wrapper's own gather (train.py's metrics)
     if rank == 0:
         torch.save(res, out / "results_rank_schedules.pt")
     dist.barrier()

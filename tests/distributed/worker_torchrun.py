@@ -28,7 +28,7 @@ def main(out: Path, ckpt1: Path, names: list[str]):
         for mode in ("allreduce", "reduce"):
             model = C.tiny_model()
             opt = sharded(model, name, mode)
-            C.train(model, opt, 0, C.STEPS, rank, world)
+            C.train(model, opt, 0, C.STEPS, rank, world, clip=0.0)
             res[f"{name}/{mode}"] = C.weights(model)
             res[f"{name}/{mode}/agree"] = C.ranks_agree(model)
             sb = torch.tensor([opt.state_bytes(), len(opt.owned)])
@@ -38,19 +38,24 @@ def main(out: Path, ckpt1: Path, names: list[str]):
             res[f"{name}/{mode}/owned"] = [int(t[1]) for t in allsb]
         model = C.tiny_model()
         opt = sharded(model, name, "reduce")
-        C.train(model, opt, 0, C.STEPS, rank, world, identical=True)
+        C.train(model, opt, 0, C.STEPS, rank, world, identical=True, clip=0.0)
         res[f"{name}/identical"] = C.weights(model)
+        model = C.tiny_model()                   # clipping on: a sliced tensor's norm is summed over its slices
+        opt = sharded(model, name, "reduce")
+        C.train(model, opt, 0, C.STEPS, rank, world)
+        res[f"{name}/clipped"] = C.weights(model)
+        res[f"{name}/clipped/norm"] = float(opt.last_grad_norm)
 
     for name in [n for n in ("galore", "rgp8bit") if n in names]:
         # 2 -> 1: save at step 3, keep going to STEPS (the uninterrupted 2-rank run)
         model = C.tiny_model()
         opt = sharded(model, name, "reduce")
-        C.train(model, opt, 0, 3, rank, world)
+        C.train(model, opt, 0, 3, rank, world, clip=0.0)
         d = out / "ckpt2" / name
         save_optimizer_shards(opt, d)
         if rank == 0:
             torch.save(model.state_dict(), d / "model.pt")
-        C.train(model, opt, 3, C.STEPS, rank, world)
+        C.train(model, opt, 3, C.STEPS, rank, world, clip=0.0)
         res[f"ckpt2/{name}/uninterrupted"] = C.weights(model)
         # 1 -> 2: continue the 1-rank checkpoint written by the test
         src = ckpt1 / name
@@ -59,7 +64,7 @@ def main(out: Path, ckpt1: Path, names: list[str]):
             model.load_state_dict(torch.load(src / "model.pt", weights_only=True))
             opt = sharded(model, name, "allreduce")
             load_optimizer_shards(opt, src)
-            C.train(model, opt, 3, C.STEPS, rank, world)
+            C.train(model, opt, 3, C.STEPS, rank, world, clip=0.0)
             res[f"ckpt1to2/{name}"] = C.weights(model)
             res[f"ckpt1to2/{name}/agree"] = C.ranks_agree(model)
 
