@@ -2,10 +2,10 @@
 # The convergence study of docs/results.md, one resumable command (every stage is a tools/sweep.py grid; killed at
 # any point, the same command skips finished runs, resumes the interrupted one and rewrites the same tables):
 #
-#     OMP_NUM_THREADS=1 bash tools/study.sh [STAGE ...]     # stages: other_lr a b c d (default: all, in that order)
+#     OMP_NUM_THREADS=1 bash tools/study.sh [STAGE ...]     # stages: other_lr a b c d report (default: all, in order)
 #
-# Runs go one at a time, one thread each (the study machine had 2 shared cores); the whole study is ~50 runs of
-# ~2 min. Output: runs/study/<stage>/{summary.md,summary.json,compare.md,compare.png} and one run directory per
+# Runs go one at a time, one thread each (the study machine had 2 shared cores); the whole study is 37 runs of
+# 2-3 min (~100 min on 2 busy cores). Output: runs/study/<stage>/{summary.md,summary.json,compare.md,compare.png} and one run directory per
 # combination. The model is configs/models/llama_cpu.toml (72% projectable), the recipe configs/runs/cpu_study.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +129,18 @@ def table(stage, title):
         mark = "**" if best[n][0] == m else ""
         print(f"| {n} | {m:g} | {k} | {mark}{mean:.1f}{mark} | {sd:.1f} | {lo:.1f} | {hi:.1f} | {100 * (mean / ref - 1):+.1f}% "
               f"| {ms:.0f} | {st / 2**20:.1f} MiB |")
+    # paired by seed (same init and data order): each arm at its best lr against AdamW at its best lr
+    by = {(i["name"], i["seed"]): i["final"] for i in infos if i["final"] is not None and i["name"] in best
+          and i["mlr"] == best[i["name"]][0]}
+    seeds = sorted({sd for (_, sd) in by})
+    print(f"\n| optimizer (best matrix lr) | " + " | ".join(f"seed {sd}: ppl (vs AdamW)" for sd in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+    for n in [a for a in ARMS if a in best]:
+        cells = []
+        for sd in seeds:
+            v, ref_sd = by.get((n, sd)), by.get(("adamw", sd))
+            cells.append("-" if v is None else f"{v:.1f}" + (f" ({100 * (v / ref_sd - 1):+.1f}%)" if ref_sd else ""))
+        print(f"| {n} ({best[n][0]:g}) | " + " | ".join(cells) + " |")
     # lr sensitivity plot
     fig, ax = plt.subplots(figsize=(6, 4))
     for n in ARMS:
@@ -138,7 +150,7 @@ def table(stage, title):
             err = [[y - p[1][2] for y, p in zip(ys, pts)], [p[1][3] - y for y, p in zip(ys, pts)]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=n)
     ax.set_xscale("log"); ax.set_xlabel("matrix lr (optim.matrix_lr)"); ax.set_ylabel("final validation ppl")
-    ax.set_title(f"{title}: mean, min-max over seeds", fontsize=9); ax.grid(alpha=.3); ax.legend()
+    ax.set_title(f"{title.split(',')[0]}: final ppl (mean, min-max over seeds)", fontsize=9); ax.grid(alpha=.3); ax.legend()
     fig.tight_layout(); fig.savefig(DOCS / f"{stage}_lr.png", dpi=90); plt.close(fig)
     # curves at each arm's best lr
     best_runs = [i["run"] for i in infos if i["name"] in best and i["mlr"] == best[i["name"]][0]]
@@ -159,6 +171,27 @@ def recipe_table():
         print(f"| {label} | {lr:g} | {k} | {mean:.1f} | {sd:.1f} | {lo:.1f} | {hi:.1f} | {ms:.0f} | {st / 2**20:.1f} MiB |")
     compare([i["run"] for i in sorted(infos, key=lambda i: (i["name"], i["lr"], i["seed"]))], "tokens",
             DOCS / "c_recipe_curves.png")
+
+def optimizer_times():
+    """{name: (ordinary step s, refresh step s)} of the optimizer alone on the cpu model (random gradients, rank 48,
+    one thread): min over repeats, the least disturbed by other load on a shared machine."""
+    import torch
+    from bench.projection import step_times
+    from config import OptimConfig
+    from model import build_model
+    from optim import build_optimizer
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("cpu", 8192, 128)
+    for q in model.parameters():
+        q.grad = torch.randn_like(q) * 1e-3
+    out = {}
+    for name in ARMS:
+        opt = build_optimizer(list(model.named_parameters()), OptimConfig(name=name, lr=1e-4, rank=48, update_proj_gap=6))
+        times = [step_times(opt, 6, 5) for _ in range(3)]
+        out[name] = (min(t[0] for t in times), min(t[1] for t in times) if name != "adamw" else min(t[0] for t in times))
+        del opt
+    return out
 
 def gap_table():
     infos = [info(r) for r in runs("d_gap")]
@@ -185,6 +218,17 @@ table("a_local", "(a) local corpus, projection isolated (cpu model, other_lr 3e-
 table("b_linuxdoc", "(b) second corpus (Debian kernel docs), projection isolated")
 recipe_table()
 gap_table()
+
+def optimizer_table():
+    ot = optimizer_times()
+    print("\n#### optimizer step alone (cpu model, rank 48, one thread; min of repeats; amortized = ((T-1) step + refresh) / T)\n")
+    print("| optimizer | step ms | refresh step ms | amortized T=25 | T=50 | T=200 |")
+    print("|---|---|---|---|---|---|")
+    for n, (st, rs) in ot.items():
+        am = lambda T: 1000 * ((T - 1) * st + rs) / T  # noqa: E731
+        print(f"| {n} | {1000 * st:.1f} | {1000 * rs:.1f} | {am(25):.1f} | {am(50):.1f} | {am(200):.1f} |")
+
+optimizer_table()
 PY
 }
 
