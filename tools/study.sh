@@ -2,7 +2,7 @@
 # The convergence study of docs/results.md, one resumable command (every stage is a tools/sweep.py grid; killed at
 # any point, the same command skips finished runs, resumes the interrupted one and rewrites the same tables):
 #
-#     OMP_NUM_THREADS=1 bash tools/study.sh [STAGE ...]     # stages: other_lr a b c d report (default: all, in order)
+#     OMP_NUM_THREADS=1 bash tools/study.sh [STAGE ...]     # stages: other_lr a b c d e report (default: all, in order)
 #
 # Runs go one at a time, one thread each (the study machine had 2 shared cores); the whole study is 37 runs of
 # 2-3 min (~100 min on 2 busy cores). Output: runs/study/<stage>/{summary.md,summary.json,compare.md,compare.png} and one run directory per
@@ -65,6 +65,12 @@ stage_d() {          # (d) refresh interval T for galore and rgp at their best m
   sweep --config $CPU --out $OUT/d_gap --grid optim.name+optim.matrix_lr=$(best_lrs $OUT/a_local | tr , '\n' \
         | grep -E '^(galore|rgp):' | paste -sd,) --grid optim.update_proj_gap=25,200 \
         --set optim.other_lr=$OTHER_LR --set train.seed=0
+}
+stage_e() {          # (e) rank schedules and basis precision (rgp at its best matrix_lr of (a), 2 seeds): fixed rank vs
+                     # rank_decay=2 vs rank_energy=0.9, and bf16 / int8 bases
+  sweep --config $CPU --out $OUT/e_schedules --grid train.seed=0,1 \
+        --grid optim.rank_decay+optim.rank_energy+optim.basis_dtype=1:0:float32,2:0:float32,1:0.9:float32,1:0:bfloat16,1:0:int8 \
+        --set optim.name=rgp --set optim.matrix_lr=1e-3 --set optim.other_lr=$OTHER_LR
 }
 
 stage_report() {     # tables (Markdown on stdout) and the PNGs of docs/results.md, from the stages' run directories
@@ -233,5 +239,5 @@ PY
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(other_lr a b c d report)
+[ ${#stages[@]} -eq 0 ] && stages=(other_lr a b c d e report)
 for s in "${stages[@]}"; do "stage_$s"; done
