@@ -279,7 +279,8 @@ class ShardedOptimizer:
             return
         sigs: list = [None] * self.world_size
         dist.all_gather_object(sigs, sig, group=self.group)
-        raise ValueError(describe_disagreement(sigs))
+        dist.barrier(group=self.group)      # every rank got every signature before any exits (gloo aborts a rank
+        raise ValueError(describe_disagreement(sigs))   # whose peer closes the connection mid-collective)
 
     # -- what torch.optim.Optimizer users expect ---------------------------------------------------
     @property
