@@ -186,6 +186,7 @@ class ShardedOptimizer:
         # the gradients' wire dtype: optim.comm_dtype, "auto" = the parameters' (bf16 for a bf16 model, as DDP)
         self.comm_dtype = {"auto": next((p.dtype for _, p in self.named), torch.float32),
                            "float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(cfg, "comm_dtype", "auto")]
+        self._wire_bytes = torch.empty((), dtype=self.comm_dtype).element_size()
         self.ledger: CommLedger | None = None      # attach one to count this rank's bytes (bench/comm.py, tests)
         # Low-rank gradient communication (optim.lowrank_comm, the section "Low-rank communication" below)
         validate_optim_config(cfg)                 # also when this rank owns nothing (no inner optimizer to check)
@@ -315,9 +316,8 @@ class ShardedOptimizer:
             return
         self._finish_backward()
         if self.lowrank:
-            wire = torch.empty((), dtype=self.comm_dtype).element_size()
             live = set(self._live)
-            self._sync_projected([(n, self._params[n]) for n in self.projected if n in live], wire)
+            self._sync_projected([(n, self._params[n]) for n in self.projected if n in live], self._wire_bytes)
         for n in self.projected:           # the full gradient of a projected matrix never travels: free it
             self._params[n].grad = None
         self._synced = True
@@ -568,8 +568,8 @@ class ShardedOptimizer:
         return buckets
 
     def _build_buckets(self) -> None:
-        wire = self._wire_bytes = torch.empty((), dtype=self.comm_dtype).element_size()
-        self._grad_buckets = self._pack(self._units(set(self.projected)), GRAD_BUCKET_BYTES, lambda dt: wire)
+        self._grad_buckets = self._pack(self._units(set(self.projected)), GRAD_BUCKET_BYTES,
+                                        lambda dt: self._wire_bytes)
         weights = self._pack(self._units(set(self.replicas)), BUCKET_BYTES,
                              lambda dt: torch.empty((), dtype=dt).element_size())
         self._weight_buckets = weights[::-1]       # model order: the next forward needs the first layers first
@@ -895,7 +895,7 @@ class ShardedOptimizer:
         and lr (fp64: the exact Python floats); every rank, the owner included, applies the values as sent with
         the same function to its fp32 copy, so the copies stay bit-identical (tests/distributed check it) while
         the matrix itself never travels."""
-        wire = torch.empty((), dtype=self.comm_dtype).element_size()
+        wire = self._wire_bytes
         for owner in range(self.world_size):
             mine = [n for n in stepped if self.plan[n] == owner]
             shapes = {n: self._low_shape(n) for n in mine}

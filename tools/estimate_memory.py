@@ -170,7 +170,7 @@ def estimate(model: str = "llama_1b", optim: str = "rgp8bit", rank: int = 512, w
 
     per_rank = []
     for r in range(world_size):
-        frac = {n: layout.share(n, r) for n in shapes if layout.share(n, r) > 0}
+        frac = {n: f for n in shapes if (f := layout.share(n, r)) > 0}
         owned = list(frac)
         part = {n: round(numel_of(shapes[n]) * frac[n]) for n in owned}
         owned_numel = sum(part.values())

@@ -53,13 +53,7 @@ def single(name, start=0, stop=C.STEPS, model=None, opt=None, accum=2, clip=0.0)
     return model, opt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The workers run with 1 thread; matmul blocking (hence rounding) can depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")    # tests/distributed/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,6 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The workers run with 1 thread; matmul blocking (hence rounding) can depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def results(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("rank_schedules")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(C.REPO))
